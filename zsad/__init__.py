@@ -1,0 +1,2 @@
+"""zsad: zero-shot anomaly detection."""
+__version__ = "0.1.0"
