@@ -1,0 +1,136 @@
+"""Surface-inspection sets: KolektorSDD2, KolektorSDD (SDD) and DAGM 2007.
+
+KSDD2 and SDD ship a mask for every image, normal ones included, so their image label comes from the mask content
+(any foreground pixel = anomalous). DAGM marks anomalous images by the presence of a ``Label/<name>_label.PNG`` file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from data_modules.errors import DataError
+from data_modules.imageio import load_mask
+from data_modules.readers._common import (
+    ReadReport,
+    find_by_stem,
+    index_by_stem,
+    list_images,
+    require_dir,
+    require_nonempty,
+    select_categories,
+    subdirs,
+)
+from data_modules.types import Sample
+
+SURFACE_NAMES = {"ksdd2": "metal surface", "sdd": "metal surface", "dagm": "textured surface"}
+
+
+def _paired_by_mask_content(
+    dataset: str, category: str, pairs: Sequence[tuple[Path, Path]], class_name: str
+) -> list[Sample]:
+    out = []
+    for img, mask in pairs:
+        anomalous = bool(load_mask(mask).any())
+        out.append(
+            Sample(
+                dataset=dataset,
+                category=category,
+                image_path=img.resolve(),
+                mask_path=mask.resolve() if anomalous else None,
+                label=int(anomalous),
+                defect_type="defect" if anomalous else "good",
+                class_name=class_name,
+            )
+        )
+    return out
+
+
+def _split_images_masks(files: Sequence[Path], mask_suffix: str) -> tuple[list[Path], dict[str, Path]]:
+    """Separate ``<name>`` images from ``<name><mask_suffix>`` masks living in the same folder."""
+    low = mask_suffix.lower()
+    masks = [p for p in files if p.stem.lower().endswith(low)]
+    images = [p for p in files if not p.stem.lower().endswith(low)]
+    return images, index_by_stem(masks)
+
+
+def _pair(images: Sequence[Path], masks: dict[str, Path], suffix: str) -> list[tuple[Path, Path]]:
+    pairs = []
+    for img in images:
+        mask = find_by_stem(masks, [img.stem + suffix])
+        if mask is None:
+            raise DataError(
+                f"image {img} has no ground-truth file; expected {img.with_name(img.stem + suffix + '.png')} "
+                "(this dataset ships one for every image, normal ones included)"
+            )
+        pairs.append((img, mask))
+    return pairs
+
+
+def read_ksdd2(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
+    """KolektorSDD2: ``<root>/test/NNNNN.png`` + ``NNNNN_GT.png``; one category ``ksdd2``."""
+    root = Path(root).expanduser()
+    test = require_dir(root / "test", "KolektorSDD2 layout <root>/test/NNNNN.png with NNNNN_GT.png beside each image")
+    select_categories(["ksdd2"], categories, root)
+    images, masks = _split_images_masks(list_images(test, report), "_GT")
+    samples = _paired_by_mask_content("ksdd2", "ksdd2", _pair(images, masks, "_GT"), SURFACE_NAMES["ksdd2"])
+    require_nonempty(samples, "ksdd2", test)
+    return samples
+
+
+def read_sdd(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
+    """KolektorSDD: ``<root>/kos*/Part*.jpg`` + ``Part*_label.bmp``; one category ``sdd``."""
+    root = require_dir(Path(root).expanduser(), "KolektorSDD layout <root>/kos*/Part*.jpg with Part*_label.bmp")
+    select_categories(["sdd"], categories, root)
+    folders = [d for d in subdirs(root, report) if d.name.lower().startswith("kos")]
+    if not folders:
+        raise DataError(f"no kos* folder under {root}; expected KolektorSDD layout <root>/kos*/Part*.jpg + Part*_label.bmp")
+    pairs = []
+    for d in folders:
+        images, masks = _split_images_masks(list_images(d, report), "_label")
+        pairs += _pair(images, masks, "_label")
+    samples = _paired_by_mask_content("sdd", "sdd", pairs, SURFACE_NAMES["sdd"])
+    require_nonempty(samples, "sdd", root)
+    return samples
+
+
+def _dagm_class_dir(d: Path) -> Path:
+    # Some copies unpack as ClassN/ClassN/{Train,Test}.
+    return d / d.name if (d / d.name).is_dir() and not (d / "Test").is_dir() else d
+
+
+def read_dagm(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
+    """DAGM 2007: ``ClassN/{Train,Test}/NNNN.PNG``, masks ``ClassN/{Train,Test}/Label/NNNN_label.PNG``.
+
+    Both splits are read (no method trains on DAGM), Train first; an image is anomalous iff it has a label file.
+    """
+    layout = "DAGM layout <root>/ClassN/{Train,Test}/NNNN.PNG with masks <root>/ClassN/{Train,Test}/Label/NNNN_label.PNG"
+    root = require_dir(Path(root).expanduser(), layout)
+    found = {d.name: _dagm_class_dir(d) for d in subdirs(root, report) if d.name.lower().startswith("class")}
+    if not found:
+        raise DataError(f"no Class* folder under {root}; expected {layout}")
+    samples: list[Sample] = []
+    for cat in select_categories(list(found), categories, root):
+        cat_samples: list[Sample] = []
+        for split in ("Train", "Test"):
+            split_dir = found[cat] / split
+            if not split_dir.is_dir():
+                continue
+            label_dir = split_dir / "Label"
+            masks = index_by_stem(list_images(label_dir, report)) if label_dir.is_dir() else {}
+            for img in list_images(split_dir, report):
+                mask = find_by_stem(masks, [img.stem + "_label"])
+                cat_samples.append(
+                    Sample(
+                        dataset="dagm",
+                        category=cat,
+                        image_path=img.resolve(),
+                        mask_path=None if mask is None else mask.resolve(),
+                        label=int(mask is not None),
+                        defect_type="good" if mask is None else "defect",
+                        class_name=SURFACE_NAMES["dagm"],
+                    )
+                )
+        require_nonempty(cat_samples, cat, found[cat])
+        samples += cat_samples
+    return samples

@@ -1,0 +1,71 @@
+"""Config composition: layers, overrides, group files, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from zsad.config import ConfigError, compose, save
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_layers_and_overrides_merge_in_order(tmp_path, dummy_method):
+    a = _write(tmp_path, "a.yaml", "method: {name: dummy, width: 4}\nseed: 3\n")
+    b = _write(tmp_path, "b.yaml", "method: {width: 6}\n")
+    cfg = compose([a, b], ["seed=7", "method.stages.first.epochs=5"])
+    assert cfg.method.width == 6 and cfg.seed == 7
+    assert cfg.method.stages.first.epochs == 5
+    assert cfg.method.stages.second.optim.name == "adamw"  # schema default kept
+    assert cfg.trainer.precision == "32-true"
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path, dummy_method):
+    a = _write(tmp_path, "a.yaml", "method: {name: dummy}\n")
+    with pytest.raises(ConfigError, match="method.widht"):
+        compose([a], ["method.widht=3"])
+    with pytest.raises(ConfigError, match="trainer.max_epoch"):
+        compose([a], ["trainer.max_epoch=3"])
+
+
+def test_wrong_type_is_an_error_naming_it(tmp_path, dummy_method):
+    a = _write(tmp_path, "a.yaml", "method: {name: dummy}\n")
+    with pytest.raises(ConfigError, match="method.width"):
+        compose([a], ["method.width=wide"])
+    bad = _write(tmp_path, "bad.yaml", "method: {name: dummy}\ndata: {test_batch_size: many}\n")
+    with pytest.raises(ConfigError, match="data.test_batch_size"):
+        compose([bad])
+
+
+def test_unknown_method_and_missing_method(tmp_path):
+    with pytest.raises(ConfigError, match="method.name"):
+        compose([], ["method.name=nope"])
+    with pytest.raises(ConfigError, match="method.name is not set"):
+        compose([], ["seed=1"])
+
+
+def test_missing_file_and_bad_override(tmp_path, dummy_method):
+    with pytest.raises(ConfigError, match="not found"):
+        compose([tmp_path / "absent.yaml"])
+    with pytest.raises(ConfigError, match="key=value"):
+        from zsad.config import read_layers
+
+        read_layers([], ["novalue"])
+
+
+def test_group_selection_loads_experiment_file(dummy_method):
+    cfg = compose([], ["method.name=dummy", "trainer=ddp_cpu"])
+    assert cfg.trainer.strategy == "ddp_spawn" and cfg.trainer.devices == 2
+
+
+def test_resolved_config_round_trips(tmp_path, dummy_method):
+    cfg = compose([], ["method.name=dummy", "seed=5", "run_name=x${seed}"])
+    path = save(cfg, tmp_path / "run" / "config.yaml")
+    back = OmegaConf.load(path)
+    assert back.run_name == "x5" and back.method.width == cfg.method.width
+    again = compose([path])
+    assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)

@@ -1,0 +1,119 @@
+"""``zsad train | test | bench | predict | data`` — the command line.
+
+Configs are YAML layers plus ``key=value`` overrides, in order::
+
+    zsad train experiments/methods/ava_dino.yaml protocol=synthetic method.vision.name=tiny trainer.max_epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    layers = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    for layer in layers:
+        if not layer.endswith((".yaml", ".yml")):
+            raise SystemExit(f"zsad: {layer!r} is neither a YAML file nor a key=value override")
+    return layers, overrides
+
+
+def _compose(items: list[str]):  # noqa: ANN202
+    from zsad.config import compose
+
+    layers, overrides = _split(items)
+    return compose(layers, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from zsad.run import train
+
+    cfg = _compose(args.config)
+    out = train(cfg, test_after=not args.no_test, resume=not args.restart)
+    print(f"run folder: {out}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from zsad.run import run_dir, test
+
+    cfg = _compose(args.config)
+    test(cfg)
+    print(f"metrics: {run_dir(cfg) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from zsad.predict import predict
+
+    cfg = _compose(args.config)
+    written = predict(cfg, Path(args.images), Path(args.out), class_name=args.class_name)
+    print(f"wrote {len(written)} heatmap overlays to {args.out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from zsad.bench.grid import run_bench
+
+    run_bench(Path(args.spec), overrides=args.overrides, force=args.force, out=Path(args.out) if args.out else None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zsad", description="Zero-shot anomaly detection: train, test, benchmark.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    cfg_help = "YAML layers (experiments/…) and key=value overrides, in order; group=name loads experiments/<group>s/name.yaml"
+
+    t = sub.add_parser("train", help="train a method on the auxiliary set, then test on the targets")
+    t.add_argument("config", nargs="+", help=cfg_help)
+    t.add_argument("--no-test", action="store_true", help="skip the evaluation after training")
+    t.add_argument("--restart", action="store_true", help="ignore checkpoints already in the run folder")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("test", help="evaluate a checkpoint on the target sets (writes metrics.json)")
+    e.add_argument("config", nargs="+", help=cfg_help + " — include checkpoint=PATH")
+    e.set_defaults(func=cmd_test)
+
+    b = sub.add_parser("bench", help="run a benchmark grid and write the leaderboard")
+    b.add_argument("spec", help="a bench YAML (experiments/bench/*.yaml)")
+    b.add_argument("overrides", nargs="*", help="key=value overrides applied to every run of the grid")
+    b.add_argument("--force", action="store_true", help="re-run finished runs instead of reusing them")
+    b.add_argument("--out", default=None, help="results folder (default: the spec's, usually results/)")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("predict", help="write heatmap overlays for a folder of images")
+    r.add_argument("config", nargs="+", help=cfg_help + " — include checkpoint=PATH")
+    r.add_argument("--images", required=True, help="folder of images (png/jpg/bmp/tif)")
+    r.add_argument("--out", required=True, help="output folder for the overlays")
+    r.add_argument("--class-name", default="object", help="class name shown to the text prompts")
+    r.set_defaults(func=cmd_predict)
+
+    from data_modules.cli import register
+
+    register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from zsad.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"zsad: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,228 @@
+"""Run configuration: an OmegaConf dataclass schema, YAML layers and ``key=value`` overrides.
+
+``compose(layers, overrides)`` builds the resolved config of a run:
+
+1. every YAML layer (paths) and every override is read in order; an override ``group=name`` whose group is one of
+   ``method``, ``data``, ``protocol``, ``trainer`` and whose value names a file ``experiments/<group>s/<name>.yaml``
+   (``protocol`` → ``experiments/protocols``, ``data`` → ``experiments/data``) loads that file as a layer in place;
+2. the method's schema is chosen from ``method.name`` (see ``zsad.methods.registry``);
+3. every layer is merged into the typed schema, so an unknown key or a value of the wrong type stops with a
+   ``ConfigError`` that names the full key.
+
+W&B sweeps pass overrides as ``key=value`` (``${args_no_hyphens}``), which is exactly this syntax.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+GROUP_DIRS = {"method": "methods", "data": "data", "protocol": "protocols", "trainer": "trainer"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key or file at fault."""
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule of one training stage."""
+
+    name: str = "adam"  # adam | adamw
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.0  # linear warm-up over this fraction of the stage's steps, then constant
+
+
+@dataclass
+class StageConfig:
+    """One training stage: a fixed number of epochs (no model selection on any target set)."""
+
+    epochs: int = 1
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class BackboneConfig:
+    """A frozen encoder: architecture name (``tiny`` = test preset) and weight source."""
+
+    name: str = MISSING
+    pretrained: str = "none"  # a known tag (openai, lvd1689m …), a local file path, or none (random weights)
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. Each method extends it with its own dataclass."""
+
+    name: str = MISSING
+    image_size: int = 518
+    batch_size: int = 8  # paper default; data.batch_size overrides when set
+    smoothing_sigma: float = 4.0
+    score_rule: str = "max"
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetRef:
+    """A dataset by reader name and root folder (``categories: null`` = all)."""
+
+    name: str = MISSING
+    root: str = ""
+    categories: list[str] | None = None
+
+
+@dataclass
+class DataConfig:
+    train: DatasetRef | None = None
+    test: list[DatasetRef] = field(default_factory=list)
+    batch_size: int | None = None  # null → the method's paper batch size
+    test_batch_size: int = 16
+    num_workers: int = 0
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    synthetic_root: str = "data/synthetic"  # where `zsad` generates the embedded benchmark if a synthetic set is used
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"  # bf16-mixed on GPU
+    max_epochs: int | None = None  # null → each stage's own epochs; set → overrides every stage (smoke runs)
+    limit_train_batches: Any = 1.0
+    limit_test_batches: Any = 1.0
+    log_every_n_steps: int = 10
+    gradient_clip_val: float | None = None
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class WandbConfig:
+    project: str = "zsad"
+    entity: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_gallery: bool = True
+
+
+@dataclass
+class EvalConfig:
+    legacy_aupro: bool = True
+    gallery_per_category: int = 2
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``method`` is replaced by the method's own schema in ``compose``."""
+
+    method: Any = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    seed: int = 0
+    protocol: str = "custom"  # A | B | synthetic | custom — stated on every leaderboard row
+    out_dir: str = "runs"
+    run_name: str = ""  # empty → <method>-<protocol>-s<seed>
+    logger: str = "csv"  # csv | wandb | none
+    checkpoint: str = ""  # trainable-state checkpoint to test from / resume
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 — yaml errors come in many types
+        raise ConfigError(f"cannot parse {path}: {e}") from e
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    return cfg
+
+
+def _group_file(key: str, value: str) -> Path | None:
+    if key not in GROUP_DIRS or "/" in value:
+        return None
+    path = EXPERIMENTS / GROUP_DIRS[key] / f"{value}.yaml"
+    return path if path.is_file() else None
+
+
+def _override_layer(item: str) -> DictConfig:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value")
+    key, _, value = item.partition("=")
+    key = key.strip().lstrip("+")
+    try:
+        parsed = OmegaConf.from_dotlist([f"{key}={value}"])
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse override {item!r}: {e}") from e
+    return parsed
+
+
+def read_layers(layers: list[str | Path], overrides: list[str]) -> list[DictConfig]:
+    """Turn YAML paths and overrides into an ordered list of untyped layers (group selections expanded)."""
+    out: list[DictConfig] = [_load_yaml(Path(p)) for p in layers]
+    for item in overrides:
+        key, _, value = item.partition("=")
+        group = _group_file(key.strip(), value.strip())
+        out.append(_load_yaml(group) if group else _override_layer(item))
+    return out
+
+
+def compose(layers: list[str | Path] = (), overrides: list[str] = ()) -> DictConfig:
+    """Build the typed, resolved run config from YAML layers and ``key=value`` overrides.
+
+    Raises:
+        ConfigError: a missing file, an unknown key, a wrong type, or a missing method name.
+    """
+    from zsad.methods.registry import method_schema
+
+    raw = read_layers(list(layers), list(overrides))
+    merged = OmegaConf.merge(*raw) if raw else OmegaConf.create()
+    name = OmegaConf.select(merged, "method.name", default=None)
+    if not name:
+        raise ConfigError("method.name is not set: give a method YAML (experiments/methods/*.yaml) or method=NAME")
+    schema = OmegaConf.structured(RunConfig(method=method_schema(str(name))()))
+    cfg = schema
+    for layer in raw:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e)) from e
+    try:
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e)) from e
+    if missing:
+        raise ConfigError(f"required config keys not set: {', '.join(missing)}")
+    return cfg
+
+
+def _explain(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None)
+    msg = str(e).splitlines()[0]
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def save(cfg: DictConfig, path: Path) -> Path:
+    """Write the resolved config as YAML (every run folder holds one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, path, resolve=True)
+    return path
+
+
+def run_name(cfg: DictConfig) -> str:
+    return cfg.run_name or f"{cfg.method.name}-{cfg.protocol}-s{cfg.seed}"
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]

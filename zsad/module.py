@@ -1,0 +1,153 @@
+"""``ZSADModule``: the one LightningModule that trains and evaluates any method.
+
+It knows nothing method-specific beyond ``model(images, batch) -> AnomalyOutput`` and
+``model.loss(output, batch) -> dict``. Frozen backbones are excluded from the optimiser and from checkpoints: a
+checkpoint holds the trainable weights, the config and the backbone identity, and refuses to load onto another
+backbone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data_modules.types import Batch
+from zsad.methods.base import ZSADMethod, build_optimizer
+from zsad.methods.registry import build_method
+from zsad.types import AnomalyOutput
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint was made with another method or backbone than the one it is being loaded onto."""
+
+
+class ZSADModule(L.LightningModule):
+    """Trains the current stage of a method and feeds the Evaluator on test.
+
+    Args:
+        cfg: the composed run config (``zsad.config.compose``).
+        cache_dir: where methods may cache derived data (EntroAD's memory).
+    """
+
+    def __init__(self, cfg: DictConfig | dict, cache_dir: str | Path = ".cache/zsad") -> None:
+        super().__init__()
+        self.cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+        self.save_hyperparameters({"config": OmegaConf.to_container(self.cfg, resolve=True)})
+        self.model: ZSADMethod = build_method(self.cfg.method)
+        self.cache_dir = Path(cache_dir)
+        self.stage_name = self.model.stage
+        self.train_s = 0.0
+        self._prepared = False
+
+    # --- stages ------------------------------------------------------------------------------------------------
+    def set_stage(self, name: str) -> None:
+        self.model.set_stage(name)
+        self.stage_name = name
+
+    def current_stage(self):  # noqa: ANN201
+        return next(s for s in self.model.stages() if s.name == self.stage_name)
+
+    def on_fit_start(self) -> None:
+        if not self._prepared:
+            dm = getattr(self.trainer, "datamodule", None)
+            samples = getattr(dm, "train_samples", [])
+            self.model.prepare(samples, self.cache_dir, self.device)
+            self._prepared = True
+
+    # --- steps -------------------------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, batch: Batch) -> AnomalyOutput:
+        return self.model(images, batch)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        out = self.model(batch.image, batch)
+        losses = self.model.loss(out, batch)
+        n = len(batch)
+        for key, value in losses.items():
+            self.log(f"train/{self.stage_name}/{key}", value.detach(), batch_size=n, prog_bar=key == "loss")
+        for key, value in self.model.log_stats(out).items():
+            self.log(f"train/{self.stage_name}/{key}", float(value), batch_size=n)
+        return losses["loss"]
+
+    def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        out = self.model(batch.image, batch)
+        extras = {k: v.detach() for k, v in out.extras.items() if torch.is_tensor(v)}
+        return {"maps": out.anomaly_map.float(), "scores": out.image_score.float(), "extras": extras}
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> AnomalyOutput:
+        return self.model(batch.image, batch)
+
+    def configure_optimizers(self):  # noqa: ANN201
+        stage = self.current_stage()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError(f"stage {stage.name!r} of {self.cfg.method.name} has no trainable parameters")
+        opt, sched = build_optimizer(params, stage.optim, int(self.trainer.estimated_stepping_batches))
+        if sched is None:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- checkpoints: trainable state + config + backbone identity -----------------------------------------------
+    def _frozen_prefixes(self) -> tuple[str, ...]:
+        return tuple(f"model.{m}." for m in self.model.frozen_modules)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        full = super().state_dict(*args, **kwargs)
+        prefixes = self._frozen_prefixes()
+        return OrderedDict((k, v) for k, v in full.items() if not k.startswith(prefixes))
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):  # noqa: ANN201
+        missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in missing if not k.startswith(self._frozen_prefixes())]
+        if strict and (missing or unexpected):
+            raise CheckpointMismatch(f"checkpoint does not fit {self.cfg.method.name}: missing {missing}, unexpected {unexpected}")
+        return missing, unexpected
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["zsad"] = {
+            "method": self.cfg.method.name,
+            "identity": self.model.identity(),
+            "stage": self.stage_name,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_identity(checkpoint, self.cfg.method.name, self.model.identity())
+
+    def load_trainable(self, path: str | Path) -> dict[str, Any]:
+        """Load a checkpoint's trainable weights (after checking method and backbone identity)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        self.on_load_checkpoint(ckpt)
+        self.load_state_dict(ckpt["state_dict"])
+        return ckpt
+
+    # --- metadata for metrics.json ------------------------------------------------------------------------------
+    def run_metadata(self) -> dict[str, Any]:
+        from zsad.versions import versions
+
+        train = self.cfg.data.train
+        return {
+            "method": self.cfg.method.name,
+            "protocol": self.cfg.protocol,
+            "train_on": train.name if train is not None else None,
+            "seed": int(self.cfg.seed),
+            "backbone": self.model.identity(),
+            "timing": {"train_s": round(self.train_s, 3)},
+            "versions": versions(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+
+def check_identity(checkpoint: dict[str, Any], method: str, identity: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another method or backbone, naming both."""
+    meta = checkpoint.get("zsad")
+    if meta is None:
+        raise CheckpointMismatch("not a zsad checkpoint (no 'zsad' metadata)")
+    if meta["method"] != method:
+        raise CheckpointMismatch(f"checkpoint is for method {meta['method']!r}, not {method!r}")
+    if meta["identity"] != identity:
+        raise CheckpointMismatch(f"checkpoint backbone {meta['identity']} differs from this model's {identity}")

@@ -1,0 +1,159 @@
+"""Train / test / predict orchestration shared by the CLI and the benchmark runner."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from zsad import config as C
+from zsad.module import ZSADModule
+
+log = logging.getLogger("zsad")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.out_dir) / C.run_name(cfg)
+
+
+def build_datamodule(cfg: DictConfig, module: ZSADModule, with_train: bool = True):  # noqa: ANN201
+    """The DataModule for a run: the method decides input size, normalisation and resize mode."""
+    from data_modules.datamodule import DatasetSpec, ZSADDataModule
+
+    def spec(ref: Any) -> DatasetSpec:
+        root = ref.root or _default_root(cfg, ref.name)
+        return DatasetSpec(name=ref.name, root=str(root), categories=list(ref.categories) if ref.categories else None)
+
+    model = module.model
+    if with_train and cfg.data.train is None:
+        raise C.ConfigError("data.train is not set: training needs an auxiliary dataset (see experiments/protocols/)")
+    if not cfg.data.test and not with_train:
+        raise C.ConfigError("data.test is empty: give at least one target dataset")
+    return ZSADDataModule(
+        train=spec(cfg.data.train) if (with_train and cfg.data.train is not None) else None,
+        test=[spec(r) for r in cfg.data.test],
+        image_size=model.input_size,
+        mean=tuple(model.mean),
+        std=tuple(model.std),
+        interpolation=model.interpolation,
+        batch_size=int(cfg.data.batch_size or cfg.method.batch_size),
+        test_batch_size=int(cfg.data.test_batch_size),
+        num_workers=int(cfg.data.num_workers),
+        pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
+        persistent_workers=bool(cfg.data.persistent_workers),
+        seed=int(cfg.seed),
+    )
+
+
+def _default_root(cfg: DictConfig, name: str) -> Path:
+    """Synthetic sets are generated on demand; real datasets need an explicit root."""
+    from data_modules import synthetic
+
+    if name in synthetic.DOMAINS:
+        return synthetic.ensure_synthetic(Path(cfg.data.synthetic_root), seed=0) / synthetic.DOMAINS[name]
+    raise C.ConfigError(f"data: dataset {name!r} has no root; set its `root:` (or the ZSAD_DATA layout in the protocol YAML)")
+
+
+def make_logger(cfg: DictConfig, out: Path):  # noqa: ANN201
+    if cfg.logger == "none":
+        return False
+    if cfg.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(
+            project=cfg.wandb.project, entity=cfg.wandb.entity, tags=list(cfg.wandb.tags), name=C.run_name(cfg),
+            save_dir=str(out), config=C.to_dict(cfg),
+        )
+    if cfg.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(out), name="logs", version="")
+    raise C.ConfigError(f"logger: unknown logger {cfg.logger!r}; expected csv, wandb or none")
+
+
+def make_trainer(cfg: DictConfig, out: Path, max_epochs: int | None = None, callbacks: list | None = None, logger=None) -> L.Trainer:  # noqa: ANN001
+    t = cfg.trainer
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_epochs=max_epochs,
+        limit_train_batches=t.limit_train_batches,
+        limit_test_batches=t.limit_test_batches,
+        log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        default_root_dir=str(out),
+        logger=logger if logger is not None else False,
+        callbacks=callbacks or [],
+        enable_checkpointing=callbacks is not None and any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        enable_model_summary=False,
+    )
+
+
+def train(cfg: DictConfig, test_after: bool = True, resume: bool = True) -> Path:
+    """Run every stage of the method for its fixed epochs, save a checkpoint per stage, then test the last state.
+
+    With ``resume``, a stage whose final checkpoint exists is loaded and skipped, and a stage with a ``-last``
+    checkpoint continues from it (optimizer and epoch included).
+    """
+    L.seed_everything(int(cfg.seed), workers=True)
+    out = run_dir(cfg)
+    C.save(cfg, out / "config.yaml")
+    module = ZSADModule(cfg, cache_dir=Path(cfg.out_dir) / ".cache")
+    dm = build_datamodule(cfg, module)
+    logger = make_logger(cfg, out)
+    ckpt_dir = out / "checkpoints"
+    t0 = time.perf_counter()
+    for stage in module.model.stages():
+        final = ckpt_dir / f"{stage.name}.ckpt"
+        if resume and final.is_file():
+            log.info("stage %s: found %s, skipping", stage.name, final)
+            module.set_stage(stage.name)
+            module.load_trainable(final)
+            module.model.on_stage_end(stage.name)
+            continue
+        module.set_stage(stage.name)
+        epochs = int(cfg.trainer.max_epochs) if cfg.trainer.max_epochs is not None else stage.epochs
+        last = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=f"{stage.name}-last", save_last=False, every_n_epochs=1, save_top_k=1, monitor=None)
+        trainer = make_trainer(cfg, out, max_epochs=epochs, callbacks=[last], logger=logger)
+        partial = ckpt_dir / f"{stage.name}-last.ckpt"
+        trainer.fit(module, datamodule=dm, ckpt_path=str(partial) if (resume and partial.is_file()) else None)
+        trainer.save_checkpoint(final)
+        module.model.on_stage_end(stage.name)
+    module.train_s = time.perf_counter() - t0
+    if test_after:
+        test(cfg, module=module, datamodule=dm, logger=logger)
+    return out
+
+
+def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, logger=None) -> dict:  # noqa: ANN001
+    """Evaluate on every target set; writes ``metrics.json`` (and a gallery) into the run folder."""
+    from zsad.metrics import Evaluator
+
+    out = run_dir(cfg)
+    if module is None:
+        C.save(cfg, out / "config.yaml")
+        module = ZSADModule(cfg, cache_dir=Path(cfg.out_dir) / ".cache")
+        if not cfg.checkpoint:
+            raise C.ConfigError("checkpoint: `zsad test` needs checkpoint=PATH (a zsad training checkpoint)")
+        ckpt = module.load_trainable(cfg.checkpoint)
+        module.set_stage(ckpt["zsad"]["stage"])
+        for stage in module.model.stages():
+            module.model.on_stage_end(stage.name)
+            if stage.name == ckpt["zsad"]["stage"]:
+                break
+    dm = datamodule or build_datamodule(cfg, module, with_train=False)
+    evaluator = Evaluator(out, legacy_aupro=bool(cfg.eval.legacy_aupro), gallery_per_category=int(cfg.eval.gallery_per_category))
+    trainer = make_trainer(cfg, out, callbacks=[evaluator], logger=logger if logger is not None else make_logger(cfg, out))
+    trainer.test(module, datamodule=dm, verbose=False)
+    return evaluator.results
