@@ -81,8 +81,8 @@ def load_mask(path: str | Path) -> np.ndarray:
     if img.mode == "1":
         return np.asarray(img, dtype=bool)
     if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = _to_uint8_gray(np.asarray(img), img.mode)
-    elif img.mode in ("L", "LA"):
+        return np.asarray(img) > 0  # threshold the raw values: a 16-bit 1 is foreground too
+    if img.mode in ("L", "LA"):
         values = np.asarray(img.getchannel("L"))
     else:
         rgba = np.asarray(img.convert("RGBA"))

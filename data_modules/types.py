@@ -57,7 +57,9 @@ class Batch:
         b = self.image.shape[0]
         if self.image.ndim != 4 or self.image.shape[1] != 3:
             raise ValueError(f"Batch.image must be [B,3,H,W], got {tuple(self.image.shape)}")
-        if self.mask is not None and (self.mask.ndim != 4 or self.mask.shape[0] != b or self.mask.shape[1] != 1):
+        if self.mask is not None and (
+            self.mask.ndim != 4 or self.mask.shape[0] != b or self.mask.shape[1] != 1
+        ):
             raise ValueError(f"Batch.mask must be [B,1,H,W], got {tuple(self.mask.shape)}")
         if self.label.shape != (b,):
             raise ValueError(f"Batch.label must be [B], got {tuple(self.label.shape)}")
@@ -71,15 +73,27 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         mv = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
         return Batch(
-            mv(self.image), mv(self.mask), mv(self.label), self.category, self.class_name, self.dataset, self.path,
+            mv(self.image),
+            mv(self.mask),
+            mv(self.label),
+            self.category,
+            self.class_name,
+            self.dataset,
+            self.path,
             mv(self.index),
         )
 
     def pin_memory(self) -> Batch:
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return Batch(
-            pin(self.image), pin(self.mask), pin(self.label), self.category, self.class_name, self.dataset,
-            self.path, pin(self.index),
+            pin(self.image),
+            pin(self.mask),
+            pin(self.label),
+            self.category,
+            self.class_name,
+            self.dataset,
+            self.path,
+            pin(self.index),
         )
 
     @property

@@ -25,7 +25,9 @@ class ReadReport:
     def summary(self, name: str, samples: Sequence[Sample]) -> str:
         cats = len({s.category for s in samples})
         n_anom = sum(s.label for s in samples)
-        parts = [f"{name}: {len(samples)} images ({len(samples) - n_anom} normal, {n_anom} anomalous) in {cats} categories"]
+        parts = [
+            f"{name}: {len(samples)} images ({len(samples) - n_anom} normal, {n_anom} anomalous) in {cats} categories"
+        ]
         parts.append(f"skipped {self.hidden} hidden file(s), {self.non_image} non-image file(s)")
         return "; ".join(parts + self.notes)
 
@@ -103,7 +105,9 @@ def select_categories(found: Sequence[str], wanted: Sequence[str] | None, where:
         return sorted(found, key=natural_key)
     missing = [c for c in wanted if c not in found]
     if missing:
-        raise DataError(f"categories {missing} not found under {where}; available: {sorted(found, key=natural_key)}")
+        raise DataError(
+            f"categories {missing} not found under {where}; available: {sorted(found, key=natural_key)}"
+        )
     return list(wanted)
 
 

@@ -7,7 +7,7 @@ CVC-ColonDB, CVC-ClinicDB, Kvasir-SEG, Endo, TN3K.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,9 @@ def _sample(dataset: str, img: Path, label: int, mask: Path | None, defect: str)
 
 def _headct_labels(csv_path: Path) -> dict[int, int]:
     if not csv_path.is_file():
-        raise DataError(f"HeadCT label file {csv_path} not found; expected <root>/labels.csv with columns id, hemorrhage")
+        raise DataError(
+            f"HeadCT label file {csv_path} not found; expected <root>/labels.csv with columns id, hemorrhage"
+        )
     with csv_path.open(newline="") as f:
         rows = list(csv.reader(f))
     header = [h.strip().lower() for h in rows[0]] if rows else []
@@ -82,7 +84,9 @@ def read_headct(root: str | Path, categories: Sequence[str] | None, report: Read
     return samples
 
 
-def _read_no_yes(dataset: str, root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
+def _read_no_yes(
+    dataset: str, root: str | Path, categories: Sequence[str] | None, report: ReadReport
+) -> list[Sample]:
     root = Path(root).expanduser()
     layout = f"{dataset} layout <root>/no/* (normal) and <root>/yes/* (tumour)"
     require_dir(root, layout)
@@ -121,10 +125,14 @@ _SEG_LAYOUTS = {
 }
 
 
-def _read_segmentation(dataset: str, root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
+def _read_segmentation(
+    dataset: str, root: str | Path, categories: Sequence[str] | None, report: ReadReport
+) -> list[Sample]:
     lay = _SEG_LAYOUTS[dataset]
     root = Path(root).expanduser()
-    layout = f"{dataset} layout <root>/{lay.images}/<name> with masks <root>/{lay.masks}/<name> (same file names)"
+    layout = (
+        f"{dataset} layout <root>/{lay.images}/<name> with masks <root>/{lay.masks}/<name> (same file names)"
+    )
     img_dir = require_dir(root / lay.images, layout)
     mask_dir = require_dir(root / lay.masks, layout)
     select_categories([dataset], categories, root)
@@ -142,7 +150,10 @@ def _read_segmentation(dataset: str, root: str | Path, categories: Sequence[str]
 def read_isic(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
     """ISIC 2016 part 1 test: images and ``<name>_Segmentation.png`` masks anywhere under the root (searched
     recursively, so both the official two-folder layout and a single folder work)."""
-    root = require_dir(Path(root).expanduser(), "ISIC layout: ISIC_NNNNNNN.jpg images with ISIC_NNNNNNN_Segmentation.png masks")
+    root = require_dir(
+        Path(root).expanduser(),
+        "ISIC layout: ISIC_NNNNNNN.jpg images with ISIC_NNNNNNN_Segmentation.png masks",
+    )
     select_categories(["isic"], categories, root)
     files = list_images(root, report, recursive=True)
     masks = index_by_stem(p for p in files if p.stem.lower().endswith("_segmentation"))
@@ -156,11 +167,13 @@ def read_isic(root: str | Path, categories: Sequence[str] | None, report: ReadRe
     return samples
 
 
-def segmentation_reader(dataset: str):  # noqa: ANN201 - returns a reader with the common signature
+def segmentation_reader(dataset: str) -> Callable[[Path, Sequence[str] | None, ReadReport], list[Sample]]:
     """A reader for one of the ``images/`` + ``masks/`` sets (CVC-ColonDB, CVC-ClinicDB, Kvasir, Endo, TN3K)."""
 
     def read(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
         return _read_segmentation(dataset, root, categories, report)
 
-    read.__doc__ = f"{dataset}: {_SEG_LAYOUTS[dataset].images}/ + {_SEG_LAYOUTS[dataset].masks}/; all anomalous."
+    read.__doc__ = (
+        f"{dataset}: {_SEG_LAYOUTS[dataset].images}/ + {_SEG_LAYOUTS[dataset].masks}/; all anomalous."
+    )
     return read

@@ -23,7 +23,9 @@ def meta_file(root: str | Path) -> Path:
     root = Path(root).expanduser()
     path = root if root.is_file() else root / "meta.json"
     if not path.is_file():
-        raise DataError(f"{path} not found; expected a meta.json file (split → category → items) or a folder holding one")
+        raise DataError(
+            f"{path} not found; expected a meta.json file (split → category → items) or a folder holding one"
+        )
     return path
 
 

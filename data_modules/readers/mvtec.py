@@ -46,7 +46,9 @@ class MVTecLayout:
 
 MVTEC = MVTecLayout()
 BTAD = MVTecLayout(normal_dirs=("ok",), mask_suffixes=("", "_mask"))
-MVTEC_AD2 = MVTecLayout(test_dir="test_public", gt_dir="test_public/ground_truth", mask_suffixes=("_mask", ""))
+MVTEC_AD2 = MVTecLayout(
+    test_dir="test_public", gt_dir="test_public/ground_truth", mask_suffixes=("_mask", "")
+)
 FOLDER = MVTecLayout(normal_dirs=("good", "ok", "normal"), masks="auto")
 
 
@@ -124,5 +126,7 @@ def read_mvtec_layout(
             report.notes.append(f"no '{layout.gt_dir}' folder in any category: image-level labels only")
     samples: list[Sample] = []
     for cat in cats:
-        samples += _read_category(dataset, cat, found[cat], layout, class_name(cat) or cat, with_masks, report)
+        samples += _read_category(
+            dataset, cat, found[cat], layout, class_name(cat) or cat, with_masks, report
+        )
     return samples

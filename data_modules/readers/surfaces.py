@@ -70,7 +70,9 @@ def _pair(images: Sequence[Path], masks: dict[str, Path], suffix: str) -> list[t
 def read_ksdd2(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
     """KolektorSDD2: ``<root>/test/NNNNN.png`` + ``NNNNN_GT.png``; one category ``ksdd2``."""
     root = Path(root).expanduser()
-    test = require_dir(root / "test", "KolektorSDD2 layout <root>/test/NNNNN.png with NNNNN_GT.png beside each image")
+    test = require_dir(
+        root / "test", "KolektorSDD2 layout <root>/test/NNNNN.png with NNNNN_GT.png beside each image"
+    )
     select_categories(["ksdd2"], categories, root)
     images, masks = _split_images_masks(list_images(test, report), "_GT")
     samples = _paired_by_mask_content("ksdd2", "ksdd2", _pair(images, masks, "_GT"), SURFACE_NAMES["ksdd2"])
@@ -80,11 +82,15 @@ def read_ksdd2(root: str | Path, categories: Sequence[str] | None, report: ReadR
 
 def read_sdd(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
     """KolektorSDD: ``<root>/kos*/Part*.jpg`` + ``Part*_label.bmp``; one category ``sdd``."""
-    root = require_dir(Path(root).expanduser(), "KolektorSDD layout <root>/kos*/Part*.jpg with Part*_label.bmp")
+    root = require_dir(
+        Path(root).expanduser(), "KolektorSDD layout <root>/kos*/Part*.jpg with Part*_label.bmp"
+    )
     select_categories(["sdd"], categories, root)
     folders = [d for d in subdirs(root, report) if d.name.lower().startswith("kos")]
     if not folders:
-        raise DataError(f"no kos* folder under {root}; expected KolektorSDD layout <root>/kos*/Part*.jpg + Part*_label.bmp")
+        raise DataError(
+            f"no kos* folder under {root}; expected KolektorSDD layout <root>/kos*/Part*.jpg + Part*_label.bmp"
+        )
     pairs = []
     for d in folders:
         images, masks = _split_images_masks(list_images(d, report), "_label")

@@ -20,7 +20,9 @@ _COLUMNS = ("object", "split", "label", "image", "mask")
 
 def _rows(csv_path: Path) -> list[dict[str, str]]:
     if not csv_path.is_file():
-        raise DataError(f"VisA split file {csv_path} not found; expected <root>/{SPLIT_FILE} (object,split,label,image,mask)")
+        raise DataError(
+            f"VisA split file {csv_path} not found; expected <root>/{SPLIT_FILE} (object,split,label,image,mask)"
+        )
     with csv_path.open(newline="") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -40,10 +42,14 @@ def _sample(row: dict[str, str], root: Path, csv_path: Path, line: int) -> Sampl
     mask = None
     if label == "anomaly":
         if not row["mask"]:
-            raise DataError(f"{csv_path} line {line}: anomalous image {image} has no mask path in the mask column")
+            raise DataError(
+                f"{csv_path} line {line}: anomalous image {image} has no mask path in the mask column"
+            )
         mask = root / row["mask"]
         if not mask.is_file():
-            raise DataError(f"anomalous image {image} has no ground-truth mask; expected {mask} ({csv_path} line {line})")
+            raise DataError(
+                f"anomalous image {image} has no ground-truth mask; expected {mask} ({csv_path} line {line})"
+            )
     cat = row["object"]
     return Sample(
         dataset="visa",

@@ -20,7 +20,10 @@ from zsad.backbones.errors import WeightsError
 from zsad.methods.base import IMAGENET_MEAN, IMAGENET_STD
 
 # Test / CPU-demo preset: the DINOv3 recipe (RoPE, 4 registers, layer scale, patch 16) at toy width and depth.
-TINY_PRESET: dict[str, Any] = dict(base="vit_small_patch16_dinov3", embed_dim=64, depth=4, num_heads=4)
+# Layer scale starts at 1 (not 1e-5) so that random blocks change the tokens and taps differ visibly.
+TINY_PRESET: dict[str, Any] = dict(
+    base="vit_small_patch16_dinov3", embed_dim=64, depth=4, num_heads=4, init_values=1.0
+)
 DEFAULT_KEY = "method.vision.pretrained"
 
 
@@ -71,7 +74,9 @@ class DINOv3Backbone(nn.Module):
 
     def _check_taps(self, taps: tuple[int, ...]) -> list[int]:
         if not taps or any(not 1 <= int(t) <= self.depth for t in taps):
-            raise ValueError(f"DINOv3 taps must be 1-based block indices in 1..{self.depth}, got {list(taps)}")
+            raise ValueError(
+                f"DINOv3 taps must be 1-based block indices in 1..{self.depth}, got {list(taps)}"
+            )
         return [int(t) - 1 for t in taps]
 
     def forward(self, images: Tensor, taps: tuple[int, ...] = (6, 12, 18, 24)) -> VisionFeatures:
@@ -91,16 +96,18 @@ class DINOv3Backbone(nn.Module):
                 f"DINOv3 input size must be a multiple of {self.patch_size}, got {h}x{w} (set method.image_size)"
             )
         indices = self._check_taps(tuple(taps))
+        blocks = sorted(set(indices))  # timm returns the taken blocks in block order
         with torch.no_grad():
-            outs = self.model.forward_intermediates(
+            taken = self.model.forward_intermediates(
                 images,
-                indices=indices,
+                indices=blocks,
                 norm=True,
                 stop_early=True,
                 output_fmt="NLC",
                 intermediates_only=True,
                 return_prefix_tokens=True,
             )
+        outs = [taken[blocks.index(i)] for i in indices]
         return VisionFeatures(
             patch_tokens=[patches for patches, _ in outs],
             grid=(h // self.patch_size, w // self.patch_size),
@@ -110,7 +117,11 @@ class DINOv3Backbone(nn.Module):
 
 
 def _is_path(pretrained: str) -> bool:
-    return "/" in pretrained or "\\" in pretrained or Path(pretrained).suffix in {".pth", ".pt", ".safetensors", ".bin"}
+    return (
+        "/" in pretrained
+        or "\\" in pretrained
+        or Path(pretrained).suffix in {".pth", ".pt", ".safetensors", ".bin"}
+    )
 
 
 def _arch(name: str) -> tuple[str, dict[str, Any]]:
@@ -120,7 +131,9 @@ def _arch(name: str) -> tuple[str, dict[str, Any]]:
         return preset.pop("base"), preset
     if "dinov3" not in name or not name.startswith("vit_") or name not in timm.list_models("vit_*dinov3*"):
         known = ", ".join(timm.list_models("vit_*dinov3*"))
-        raise ValueError(f"unknown DINOv3 model {name!r} (method.vision.name); expected 'tiny' or one of: {known}")
+        raise ValueError(
+            f"unknown DINOv3 model {name!r} (method.vision.name); expected 'tiny' or one of: {known}"
+        )
     return name, {}
 
 
@@ -149,8 +162,12 @@ def build_dinov3(
         elif _is_path(source) or Path(source).exists():
             path = Path(source).expanduser()
             if not path.is_file():
-                raise WeightsError(f"DINOv3 weight file not found: {path}; set {config_key} to an existing file")
-            model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+                raise WeightsError(
+                    f"DINOv3 weight file not found: {path}; set {config_key} to an existing file"
+                )
+            model = timm.create_model(
+                arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs
+            )
         else:
             model = _from_tag(arch, name, source, kwargs, config_key)
     except WeightsError:
@@ -165,10 +182,14 @@ def build_dinov3(
 
 def _from_tag(arch: str, name: str, tag: str, kwargs: dict[str, Any], config_key: str) -> nn.Module:
     if name == "tiny":
-        raise WeightsError(f"the tiny preset has no published weights; set {config_key} to 'none' or a local file")
+        raise WeightsError(
+            f"the tiny preset has no published weights; set {config_key} to 'none' or a local file"
+        )
     tags = [m.split(".", 1)[1] for m in timm.list_pretrained(f"{arch}.*")]
     if tag not in tags:
-        raise WeightsError(f"unknown weight tag {tag!r} for {arch} ({config_key}); known tags: {tags}, a file, or none")
+        raise WeightsError(
+            f"unknown weight tag {tag!r} for {arch} ({config_key}); known tags: {tags}, a file, or none"
+        )
     try:
         return timm.create_model(f"{arch}.{tag}", pretrained=True, **kwargs)
     except OSError as e:  # huggingface_hub raises OSError subclasses when offline or the file is not cached

@@ -31,3 +31,20 @@ def method_schema(name: str) -> type:
 def build_method(cfg):  # noqa: ANN001, ANN201 — cfg is the method's DictConfig
     """Instantiate the method model from its config node (``cfg.method``)."""
     return _resolve(cfg.name, 2)(cfg)
+
+
+# The tiny presets have 4 blocks: taps 1-4 (the paper's 6/12/18/24 of 24 blocks, scaled).
+_TINY_CLIP = ["method.clip.name=tiny", "method.clip.pretrained=none", "method.taps=[1,2,3,4]"]
+TINY_OVERRIDES: dict[str, list[str]] = {
+    "ava_dino": ["method.vision.name=tiny", "method.vision.pretrained=none", "method.text.name=tiny",
+                 "method.text.pretrained=none", "method.taps=[1,2,3,4]"],
+    "anomalyclip": [*_TINY_CLIP, "method.dpam_start=2"],
+    "mpa": [*_TINY_CLIP, "method.dpam_start=2"],
+    "mpama": [*_TINY_CLIP, "method.dpam_start=2"],
+    "entroad": [*_TINY_CLIP, "method.dpam_start=2"],
+}
+
+
+def tiny_overrides(name: str) -> list[str]:
+    """Overrides that swap a method's backbones for the tiny random-weight presets (tests, CPU demo, CI)."""
+    return list(TINY_OVERRIDES[name])

@@ -106,9 +106,12 @@ def connected_components(masks: ArrayLike) -> tuple[np.ndarray, int]:
     return labels.astype(np.int32, copy=False), int(n)
 
 
-def _region_weights(region_ids: Tensor, n_regions: int) -> Tensor:
+def _region_weights(region_ids: Tensor, n_regions: int, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
     """float64 weight per region id so that summing weights over pixels gives the PRO (0 for id 0)."""
-    sizes = torch.bincount(region_ids.reshape(-1), minlength=n_regions + 1).double()
+    flat = region_ids.reshape(-1)
+    sizes = torch.zeros(n_regions + 1, dtype=torch.float64, device=flat.device)
+    for a in range(0, flat.numel(), chunk_size):  # chunked: bincount widens its input to int64
+        sizes += torch.bincount(flat[a : a + chunk_size], minlength=n_regions + 1)
     weights = torch.zeros_like(sizes)
     if n_regions:
         weights[1:] = 1.0 / (sizes[1:] * n_regions)
@@ -132,57 +135,65 @@ class CurveSums:
 class _Accumulator:
     """Accumulates the curve integrals over tie-group end points, fed in descending-threshold order.
 
-    Each point carries cumulative true positives, false positives and (optionally) PRO mass. The previous point
-    is carried across chunks, starting at the (0, 0) anchor.
+    Each point carries cumulative true positives, false positives, the item count (TP + FP) and optionally the
+    PRO mass. The previous point is carried across chunks, starting at the (0, 0) anchor.
     """
 
     def __init__(self, n_pos: int, n_neg: int, fpr_limit: float, device: torch.device) -> None:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self.n_pos, self.n_neg, self.fpr_limit = n_pos, n_neg, fpr_limit
         self.prev_tp = self.prev_fp = self.prev_pro = zero
-        self.roc = self.ap = self.pro_area = zero
-        self.f1 = zero
+        self.roc = self.ap = self.pro_area = self.f1 = zero
+        self.prev_fpr = 0.0  # host copy of the last point's FPR, to know when PRO no longer matters
 
-    def add(self, tp: Tensor, fp: Tensor, pro: Tensor | None) -> None:
+    def add(self, tp: Tensor, fp: Tensor, count: Tensor, pro: Tensor | None) -> None:
         if tp.numel() == 0:
             return
         tp_prev = torch.cat([self.prev_tp[None], tp[:-1]])
         fp_prev = torch.cat([self.prev_fp[None], fp[:-1]])
         # Integer-valued float64 products: exact below 2**53, i.e. for any realistic pixel count.
         self.roc = self.roc + ((fp - fp_prev) * (tp + tp_prev)).sum()
-        self.ap = self.ap + ((tp - tp_prev) * tp / (tp + fp)).sum()
+        self.ap = self.ap + ((tp - tp_prev) * tp / count).sum()
         # 2PR/(P+R) simplifies to 2TP/(P_total + TP + FP); it is 0 (not NaN) where TP = 0.
-        self.f1 = torch.maximum(self.f1, (2.0 * tp / (self.n_pos + tp + fp)).max())
+        self.f1 = torch.maximum(self.f1, (tp / (count + self.n_pos)).max() * 2.0)
         if pro is not None:
             self._add_pro(fp, fp_prev, pro)
             self.prev_pro = pro[-1]
         self.prev_tp, self.prev_fp = tp[-1], fp[-1]
+        self.prev_fpr = float(self.prev_fp) / self.n_neg
 
     def _add_pro(self, fp: Tensor, fp_prev: Tensor, pro: Tensor) -> None:
         lim = self.fpr_limit
         x, x0 = fp / self.n_neg, fp_prev / self.n_neg
         y0 = torch.cat([self.prev_pro[None], pro[:-1]])
         full = x <= lim
-        self.pro_area = self.pro_area + torch.where(full, (x - x0) * (pro + y0) / 2, 0.0).sum()
+        self.pro_area = self.pro_area + torch.where(full, (x - x0) * (pro + y0), 0.0).sum() / 2
         # The one segment that crosses the limit contributes a partial trapezoid up to PRO interpolated at lim.
-        cross = (x0 < lim) & (x > lim)
-        span = torch.where(cross, x - x0, 1.0)
-        y_lim = y0 + (pro - y0) * (lim - x0) / span
-        self.pro_area = self.pro_area + torch.where(cross, (lim - x0) * (y0 + y_lim) / 2, 0.0).sum()
+        cross = torch.nonzero((x0 < lim) & (x > lim)).squeeze(1)
+        if cross.numel():
+            xa, xb, ya, yb = x0[cross], x[cross], y0[cross], pro[cross]
+            y_lim = ya + (yb - ya) * (lim - xa) / (xb - xa)
+            self.pro_area = self.pro_area + ((lim - xa) * (ya + y_lim)).sum() / 2
 
 
 class _LegacyGrid:
-    """Cumulative FP count and PRO mass at fixed thresholds, with strict ``value > threshold``."""
+    """Cumulative FP count and PRO mass at fixed thresholds, with strict ``value > threshold``.
+
+    Thresholds never resolved keep an infinite FP count: the sweep stops feeding the grid once the FPR passed the
+    limit, and such thresholds are dropped by the FPR filter anyway.
+    """
 
     def __init__(self, thresholds: Tensor) -> None:
         self.neg_thresholds = -thresholds
-        self.fp = torch.zeros_like(thresholds)
+        self.fp = torch.full_like(thresholds, float("inf"))
         self.pro = torch.zeros_like(thresholds)
         self.done = torch.zeros(thresholds.shape, dtype=torch.bool, device=thresholds.device)
 
-    def update(self, values: Tensor, fp: Tensor, pro: Tensor, carry_fp: Tensor, carry_pro: Tensor, last: bool):
+    def update(
+        self, values: Tensor, fp: Tensor, pro: Tensor, carry_fp: Tensor, carry_pro: Tensor, last: bool
+    ):
         # In descending order the items above a threshold form a prefix; count it within this chunk.
-        n_above = torch.searchsorted(-values.double(), self.neg_thresholds, side="left")
+        n_above = torch.searchsorted(-values, self.neg_thresholds, side="left")
         ends_here = (n_above < values.numel()) | last
         new = ends_here & ~self.done
         pos = (n_above - 1).clamp(min=0)
@@ -212,6 +223,51 @@ def _legacy_area(grid: _LegacyGrid, n_neg: int, fpr_limit: float) -> float | Non
     rescaled = (f - f.min()) / span
     # Kept points run from high to low FPR; integrate in increasing FPR, as sklearn.metrics.auc does.
     return float(torch.trapezoid(p.flip(0), rescaled.flip(0)))
+
+
+class _SortedPairs:
+    """(score, target) pairs in descending score order, read chunk by chunk.
+
+    float32 scores are packed with their target into one int64 key, an order-preserving integer image of the
+    float in the high half and the target in the low half, and sorted as integers. Compared with a float sort
+    plus a gather of the targets through the order, this avoids the random-access gather and lets torch use its
+    integer radix sort; tied scores stay adjacent, which is all the sweep needs. float64 scores (which do not fit
+    beside a target in 64 bits) use a float sort and a gather.
+    """
+
+    def __init__(self, scores: Tensor, targets: Tensor, chunk_size: int) -> None:
+        self.packed = scores.dtype == torch.float32
+        if self.packed:
+            keys = torch.empty(scores.numel(), dtype=torch.int64, device=scores.device)
+            for a in range(0, scores.numel(), chunk_size):
+                keys[a : a + chunk_size] = _pack(scores[a : a + chunk_size], targets[a : a + chunk_size])
+            self.keys = torch.sort(keys).values
+        else:
+            self.values, self.order = torch.sort(scores, descending=True)
+            self.targets = targets
+
+    def ties(self, a: int, b: int) -> Tensor:
+        """Something equal exactly where the scores at positions [a, b) are equal."""
+        return self.keys[a:b] >> 32 if self.packed else self.values[a:b]
+
+    def targets_at(self, a: int, b: int) -> Tensor:
+        return self.keys[a:b] & 0xFFFFFFFF if self.packed else self.targets[self.order[a:b]]
+
+    def values_at(self, a: int, b: int) -> Tensor:
+        """float64 scores at positions [a, b)."""
+        if not self.packed:
+            return self.values[a:b].double()
+        order_key = (-(self.keys[a:b] >> 32)).int()
+        bits = torch.where(order_key >= 0, order_key, order_key ^ 0x7FFFFFFF)
+        return bits.view(torch.float32).double()
+
+
+def _pack(scores: Tensor, targets: Tensor) -> Tensor:
+    """int64 keys whose ascending order is the descending order of float32 ``scores``; low 32 bits = target."""
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0, so the two compare equal
+    # Flipping the magnitude bits of negative floats makes the signed integer order match the float order.
+    order_key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
+    return ((-order_key) << 32) | targets.long()
 
 
 def sweep(
@@ -246,30 +302,31 @@ def sweep(
         grid = _LegacyGrid(thresholds) if thresholds is not None else None
     del labels
 
-    values, order = torch.sort(scores, descending=True)
+    pairs = _SortedPairs(scores, targets, chunk_size)
     acc = _Accumulator(n_pos, max(n_neg, 1), fpr_limit, device)
     carry_tp = carry_pro = torch.zeros((), dtype=torch.float64, device=device)
     for a in range(0, n, chunk_size):
         b = min(a + chunk_size, n)
-        idx = order[a:b]
-        v = values[a:b]
-        target = targets[idx]
+        target = pairs.targets_at(a, b)
+        count = torch.arange(a + 1, b + 1, device=device, dtype=torch.float64)
         tp = torch.cumsum(target > 0, 0, dtype=torch.float64) + carry_tp
-        fp = torch.arange(a + 1, b + 1, device=device, dtype=torch.float64) - tp
-        pro = None
-        if region_weights is not None:
-            pro = torch.cumsum(region_weights[target.long()], 0) + carry_pro
-        # A tie group ends where the next sorted value differs (or at the very end).
-        nxt = values[a + 1 : b + 1]
+        fp = count - tp
+        # A tie group ends where the next sorted score differs (or at the very end).
+        tie = pairs.ties(a, min(b + 1, n))
         end = torch.ones(b - a, dtype=torch.bool, device=device)
-        end[: nxt.numel()] = v[: nxt.numel()] != nxt
-        if grid is not None:
-            grid.update(v, fp, pro, carry_tp.new_tensor(a) - carry_tp, carry_pro, last=b == n)
-        acc.add(tp[end], fp[end], None if pro is None else pro[end])
-        carry_tp = tp[-1]
-        if pro is not None:
+        end[: tie.numel() - 1] = tie[:-1] != tie[1:]
+        ends = torch.nonzero(end).squeeze(1)
+        pro_ends = None
+        # PRO only matters up to the FPR limit (both AUPROs); past it, skip its gather and sums.
+        if region_weights is not None and acc.prev_fpr < fpr_limit:
+            pro = torch.cumsum(region_weights[target.long()], 0) + carry_pro
+            if grid is not None:
+                grid.update(pairs.values_at(a, b), fp, pro, count[0] - 1 - carry_tp, carry_pro, last=b == n)
+            pro_ends = pro[ends]
             carry_pro = pro[-1]
-    del values, order
+        acc.add(tp[ends], fp[ends], count[ends], pro_ends)
+        carry_tp = tp[-1]
+    del pairs
 
     has_neg = n_neg > 0
     result = CurveSums(
@@ -359,7 +416,9 @@ def aupro(maps: ArrayLike, masks: ArrayLike, fpr_limit: float = FPR_LIMIT) -> fl
     return pixel_metrics(maps, masks, legacy_aupro=False, fpr_limit=fpr_limit)["pixel_aupro"]
 
 
-def aupro_legacy(maps: ArrayLike, masks: ArrayLike, n_steps: int = 200, fpr_limit: float = FPR_LIMIT) -> float | None:
+def aupro_legacy(
+    maps: ArrayLike, masks: ArrayLike, n_steps: int = 200, fpr_limit: float = FPR_LIMIT
+) -> float | None:
     """AUPRO as AnomalyCLIP's ``cal_pro_score`` computes it, for parity with published tables.
 
     Thresholds ``np.arange(min, max, (max - min) / n_steps)`` in float64, a pixel is anomalous when strictly above

@@ -81,7 +81,9 @@ class TextEncoder(Protocol):
     def encode(self, tokens: Tensor) -> Tensor: ...
 
 
-def state_sentences(class_name: str, states: Sequence[str], templates: Sequence[str] = TEMPLATES) -> list[str]:
+def state_sentences(
+    class_name: str, states: Sequence[str], templates: Sequence[str] = TEMPLATES
+) -> list[str]:
     """Every sentence of one state class for ``class_name`` (states outer, templates inner)."""
     return [template.format(state.format(class_name)) for state in states for template in templates]
 
@@ -112,13 +114,14 @@ class EnsembleTextCache:
         """float32 [B, 2, D] text features for each class name (order kept, duplicates allowed)."""
         new = sorted({name for name in class_names if name not in self.features})
         if new:
-            self._encode(new, encoder)
+            # Outside inference mode: features cached during a test loop must stay usable in a training graph.
+            with torch.inference_mode(False), torch.no_grad():
+                self._encode(new, encoder)
         return torch.stack([self.features[name] for name in class_names]).to(device)
 
     def clear(self) -> None:
         self.features.clear()
 
-    @torch.no_grad()
     def _encode(self, names: list[str], encoder: TextEncoder) -> None:
         sentences: list[str] = []
         counts: list[int] = []

@@ -1,0 +1,116 @@
+"""AnomalyCLIP-style learnable prompt sets on the tiny CLIP text tower."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+import torch
+
+from zsad.backbones.clip import CLIPText, build_clip
+from zsad.prompts import PromptLearner
+
+
+@pytest.fixture(scope="module")
+def text() -> CLIPText:
+    torch.manual_seed(0)
+    return build_clip("tiny", vision=False).text  # 3 text layers, width 64, joint dim 32
+
+
+def _learner(text: CLIPText, **kwargs) -> PromptLearner:
+    torch.manual_seed(1)
+    return PromptLearner(text, **kwargs)
+
+
+def test_shapes_without_and_with_bias(text):
+    learner = _learner(text, n_sets=3)
+    assert learner.ctx.shape == (3, 2, 12, text.width)
+    feats = learner(text)
+    assert feats.shape == (3, 2, text.embed_dim)
+    torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3, 2))
+    biased = learner(text, bias=torch.randn(5, 3, 2, text.width))
+    assert biased.shape == (5, 3, 2, text.embed_dim)
+    with pytest.raises(ValueError, match=r"\[B, 3, 2, 64\]"):
+        learner(text, bias=torch.randn(5, 2, text.width))
+
+
+def test_single_set_accepts_three_dim_bias(text):
+    learner = _learner(text)
+    assert learner(text).shape == (1, 2, text.embed_dim)
+    bias = torch.randn(4, 2, text.width)
+    torch.testing.assert_close(learner(text, bias=bias), learner(text, bias=bias.unsqueeze(1)))
+
+
+def test_one_text_encoder_call_per_forward(text):
+    learner = _learner(text, n_sets=2)
+    with mock.patch.object(text, "encode_embeddings", wraps=text.encode_embeddings) as spy:
+        learner(text)
+        assert spy.call_count == 1
+        assert spy.call_args.args[0].shape[0] == 2 * 2
+        learner(text, bias=torch.zeros(6, 2, 2, text.width))
+        assert spy.call_count == 2
+        assert spy.call_args.args[0].shape[0] == 6 * 2 * 2
+
+
+def test_bias_changes_only_the_matching_prompt(text):
+    learner = _learner(text, n_sets=2)
+    with torch.no_grad():
+        plain = learner(text)
+        zero = learner(text, bias=torch.zeros(3, 2, 2, text.width))
+        bias = torch.zeros(3, 2, 2, text.width)
+        bias[1, 0, 1] = torch.randn(text.width)  # image 1, set 0, anomalous prompt
+        moved = learner(text, bias=bias)
+    torch.testing.assert_close(zero, plain.expand(3, -1, -1, -1), atol=1e-6, rtol=1e-5)
+    changed = (moved - zero).abs().amax(dim=-1) > 1e-4  # [B, S, 2]
+    expected = torch.zeros(3, 2, 2, dtype=torch.bool)
+    expected[1, 0, 1] = True
+    assert torch.equal(changed, expected)
+
+
+def test_deep_prompts_clipped_to_text_depth(text):
+    assert text.n_layers == 3
+    assert _learner(text).deep.shape == (2, 4, text.width)  # depth 9 → 3 layers → 2 deep tensors
+    assert _learner(text, depth=2, n_deep=3).deep.shape == (1, 3, text.width)
+    assert _learner(text, depth=1).deep is None
+    with pytest.raises(ValueError, match="n_deep"):
+        PromptLearner(text, n_ctx=2, n_deep=4)
+
+
+def test_deep_prompts_change_the_features(text):
+    learner = _learner(text)
+    with torch.no_grad():
+        before = learner(text)
+        learner.deep.add_(torch.randn_like(learner.deep))
+        after = learner(text)
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_gradients_reach_context_and_deep_tokens(text):
+    learner = _learner(text, n_sets=2)
+    bias = torch.zeros(2, 2, 2, text.width, requires_grad=True)
+    learner(text, bias=bias)[..., 0].sum().backward()
+    for p in (learner.ctx, learner.deep, bias):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert all(p.grad is None for p in text.parameters())
+
+
+@torch.no_grad()
+def test_context_of_real_words_equals_plain_encoding(text):
+    """With the context set to the embeddings of 12 real words and no deep tokens, a prompt is that sentence."""
+    learner = _learner(text, depth=1)
+    words = "a photo of the small metal part on a dark wooden table"
+    assert len(words.split()) == 12
+    sentences = [f"{words} object.", f"{words} damaged object."]
+    tokens = text.tokenize(sentences)
+    assert torch.equal(tokens.argmax(-1), learner.eot_index)  # every word is one BPE token
+    learner.ctx.copy_(text.token_embedding(tokens)[:, 1:13].unsqueeze(0))
+    torch.testing.assert_close(learner(text)[0], text.encode(tokens), atol=1e-5, rtol=1e-4)
+
+
+def test_state_dict_holds_only_learnable_tensors(text):
+    learner = _learner(text, n_sets=2)
+    assert set(learner.state_dict()) == {"ctx", "deep"}
+    other = PromptLearner(text, n_sets=2)
+    other.load_state_dict(learner.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(text), learner(text))

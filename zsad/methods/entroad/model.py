@@ -1,0 +1,376 @@
+"""EntroAD: memory retrieval, structural-entropy routing and confidence-gated dual-branch prompts.
+
+Spec ``entroad.md``. One forward, batched over images:
+
+1. frozen CLIP (V-V path from block 2) → tapped projected tokens, tap-24 pre-projection tokens, global embedding
+   and, outside the retrieval stage, the original-path attention at the taps;
+2. retrieval against the memory → patch anomaly probability ``p`` [B, N] and image probability ``p_img`` [B];
+3. structural entropy ``ê`` [B, N] (no grad), routing weights, routed tokens ``t_n``, ``t_raw``, gate ``g``;
+4. per-image bias of each branch's prompt contexts → one text-encoder call for B × branches × 2 prompts;
+5. branch maps on tap 24, fused map, Gaussian smoothing, image score.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_modules.types import Batch, Sample
+from zsad.losses import dice_loss, focal_loss, segmentation_loss
+from zsad.maps import gaussian_blur, image_score, tokens_to_grid, upsample
+from zsad.methods.base import ZSADMethod
+from zsad.methods.entroad import memory as M
+from zsad.methods.entroad.entropy import ENTROPIES, structural_entropy
+from zsad.methods.entroad.routing import (
+    ROUTE_NORMS,
+    confidence_gate,
+    entropy_split,
+    neighbour_average,
+    normalise_routes,
+    pool,
+    retrieve,
+    route_weights,
+)
+from zsad.types import AnomalyOutput
+
+log = logging.getLogger("zsad")
+STAGES = ("retrieval", "prompt")
+
+
+class Retrieval(nn.Module):
+    """The four trainable projections of stage 1: image query/keys (D→D) and patch query/keys (W→D)."""
+
+    def __init__(self, embed_dim: int, width: int) -> None:
+        super().__init__()
+        self.image_q = nn.Linear(embed_dim, embed_dim)
+        self.image_k = nn.Linear(embed_dim, embed_dim)
+        self.patch_q = nn.Linear(width, embed_dim)
+        self.patch_k = nn.Linear(width, embed_dim)
+
+
+class BranchBias(nn.Module):
+    """Bias MLPs ``b = Lin_{branch, class}(t)`` (D → text width), one Linear per branch and per prompt class.
+
+    Stored as stacked weights so all branches and classes run in one einsum. Initialised like ``nn.Linear``.
+    """
+
+    def __init__(self, n_sets: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(n_sets, 2, out_dim, in_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(n_sets, 2, out_dim).uniform_(-bound, bound))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """[B, S, 2, D] routed tokens → [B, S, 2, W] context biases."""
+        return torch.einsum("bscd,scwd->bscw", tokens, self.weight.to(tokens.dtype)) + self.bias.to(
+            tokens.dtype
+        )
+
+
+class EntroAD(ZSADMethod):
+    """Structural-entropy-guided prompt adaptation with an MRAD-style memory (two stages).
+
+    Trainable: ``retrieval`` (stage ``retrieval``), ``prompts`` and ``bias`` (stage ``prompt``). ``memory`` holds
+    persistent buffers built from the auxiliary set in ``prepare`` and saved with every checkpoint.
+    """
+
+    frozen_modules = ("clip",)
+
+    def __init__(self, cfg: Any) -> None:
+        from zsad.backbones.clip import build_clip
+        from zsad.prompts.learnable import PromptLearner
+
+        super().__init__(cfg)
+        _check_config(cfg)
+        self.clip = build_clip(cfg.clip.name, cfg.clip.pretrained, image_size=int(cfg.image_size))
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        vis, txt = self.clip.visual, self.clip.text
+        bad = [t for t in cfg.taps if not 1 <= int(t) <= vis.n_blocks]
+        if bad:
+            raise ValueError(f"method.taps: blocks {bad} outside 1..{vis.n_blocks} of {cfg.clip.name!r}")
+        self.mean, self.std = tuple(vis.mean), tuple(vis.std)
+        self.taps = tuple(int(t) for t in cfg.taps)
+        self.kernels = tuple(int(k) for k in cfg.kernels)
+        self.n_branches = 1 if cfg.single_branch else 2
+        self.memory = M.Memory(vis.embed_dim, vis.width)
+        self.retrieval = Retrieval(vis.embed_dim, vis.width)
+        self.prompts = PromptLearner(
+            txt,
+            n_sets=self.n_branches,
+            n_ctx=int(cfg.n_ctx),
+            depth=int(cfg.deep_depth),
+            n_deep=int(cfg.deep_len),
+        )
+        self.bias = BranchBias(self.n_branches, vis.embed_dim, txt.width)
+        weights = [float(w) for w in cfg.branch_weights][: self.n_branches]
+        self.register_buffer(
+            "branch_weights", torch.tensor(weights if self.n_branches == 2 else [1.0]), persistent=False
+        )
+
+    # --- stages ------------------------------------------------------------------------------------------------
+    def set_stage(self, name: str) -> None:
+        super().set_stage(name)
+        self.retrieval.requires_grad_(name == "retrieval")
+        self.prompts.requires_grad_(name == "prompt")
+        self.bias.requires_grad_(name == "prompt")
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.clip.identity(), "image_size": self.input_size}
+
+    # --- memory --------------------------------------------------------------------------------------------------
+    def memory_settings(self, device: torch.device) -> dict[str, Any]:
+        """Everything besides samples and backbone that changes the memory's content (part of its cache key)."""
+        return {
+            "input_size": self.input_size,
+            "kernels": list(self.kernels),
+            "tap": self.taps[-1],
+            "dpam_start": self.cfg.dpam_start,
+            "mask_threshold": float(self.cfg.mask_threshold),
+            "interpolation": self.interpolation,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "bf16": self._memory_bf16(device),
+        }
+
+    def _memory_bf16(self, device: torch.device) -> bool:
+        return bool(self.cfg.memory_bf16) and device.type == "cuda"
+
+    def memory_path(
+        self, train_samples: list[Sample], cache_dir: Path, device: torch.device
+    ) -> tuple[Path, str]:
+        key = M.cache_key(train_samples, self.identity(), self.memory_settings(device))
+        return Path(cache_dir) / f"entroad_memory_{key[:20]}.pt", key
+
+    def prepare(self, train_samples: list[Sample], cache_dir: Path, device: torch.device) -> None:
+        """Build (or reuse from ``cache_dir``) the memory from the auxiliary training samples."""
+        if not train_samples:
+            if self.memory.built:  # test-only runs carry the memory in the checkpoint
+                return
+            raise ValueError("EntroAD needs the auxiliary training set (data.train) to build its memory")
+        path, key = self.memory_path(train_samples, cache_dir, device)
+        mem = M.load_cached(path, key)
+        if mem is None:
+            log.info("EntroAD: building the memory from %d auxiliary images → %s", len(train_samples), path)
+            mem = M.collect_memory(
+                self._memory_batches(train_samples),
+                lambda x: self._encode_memory(x, device),
+                self.kernels,
+                float(self.cfg.mask_threshold),
+                device,
+            )
+            M.save_cached(path, key, mem)
+        else:
+            log.info("EntroAD: reusing the memory cached at %s", path)
+        expected = {M.path_hash(s.image_path) for s in train_samples}
+        if set(mem.source_hash.tolist()) != expected:  # the memory holds the training set and nothing else
+            raise RuntimeError(f"EntroAD memory at {path} does not match the auxiliary samples; delete it")
+        self.memory.set(mem)
+
+    def _memory_batches(self, samples: list[Sample]):  # noqa: ANN202 — an iterable of Batch
+        from torch.utils.data import DataLoader
+        from tqdm import tqdm
+
+        from data_modules.dataset import ZSADDataset, collate
+
+        ds = ZSADDataset(samples, self.input_size, self.mean, self.std, self.interpolation, with_masks=True)
+        loader = DataLoader(
+            ds,
+            batch_size=int(self.cfg.memory_batch_size),
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=int(self.cfg.memory_workers),
+            pin_memory=torch.cuda.is_available(),
+        )
+        return tqdm(loader, desc="EntroAD memory", leave=False)
+
+    @torch.no_grad()
+    def _encode_memory(self, images: Tensor, device: torch.device) -> tuple[Tensor, Tensor, tuple[int, int]]:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self._memory_bf16(device)):
+            f = self.clip.visual(images, taps=(self.taps[-1],), dpam_start=self.cfg.dpam_start, pre_proj=True)
+        return f.global_embedding.float(), f.pre_proj_tokens[0].float(), f.grid
+
+    # --- forward -------------------------------------------------------------------------------------------------
+    def forward(self, images: Tensor, batch: Batch) -> AnomalyOutput:
+        if not self.memory.built:
+            raise RuntimeError(
+                "EntroAD memory is empty: train (prepare builds it) or load a checkpoint that holds it"
+            )
+        if not self.training:
+            self.memory.check_disjoint(batch.path)
+        retrieval_only = self.training and self.stage == "retrieval"
+        want_attn = not retrieval_only and self.cfg.entropy != "none"
+        with torch.no_grad():
+            feats = self.clip.visual(
+                images, taps=self.taps, dpam_start=self.cfg.dpam_start, attn_taps=want_attn, pre_proj=True
+            )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage == "retrieval"):
+            img_probs, patch_probs = self.retrieve(
+                feats.global_embedding, feats.pre_proj_tokens[-1], feats.grid
+            )
+        p_img = img_probs[:, 1]
+        loss_inputs = {
+            "retrieval_probs": patch_probs,
+            "image_logits": img_probs / float(self.cfg.image_temperature),
+        }
+        if retrieval_only:
+            amap = upsample(tokens_to_grid(patch_probs[..., 1], feats.grid), tuple(images.shape[-2:]))
+            return AnomalyOutput(amap, p_img.float(), {"p_img": p_img.detach()}, loss_inputs)
+        return self._prompt_forward(images, feats, patch_probs[..., 1].detach(), p_img.detach(), loss_inputs)
+
+    def retrieve(
+        self, global_embedding: Tensor, pre_proj: Tensor, grid: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
+        """Image [B, 2] and patch [B, N, 2] {normal, anomalous} probabilities read from the memory."""
+        mem, r = self.memory, self.retrieval
+        dropout = self.training and bool(self.cfg.sim_dropout)
+        q_img = F.normalize(global_embedding.float(), dim=-1)
+        img = retrieve(
+            q_img,
+            r.image_q(q_img),
+            r.image_k(mem.image_keys),
+            mem.image_keys,
+            mem.image_values,
+            float(self.cfg.image_dropout_q) if dropout else None,
+        )
+        q_patch = F.normalize(neighbour_average(pre_proj.float(), grid, self.kernels), dim=-1)
+        patch = retrieve(
+            q_patch,
+            r.patch_q(q_patch),
+            r.patch_k(mem.patch_keys),
+            mem.patch_keys,
+            mem.patch_values,
+            float(self.cfg.patch_dropout_q) if dropout else None,
+        )
+        return img, patch
+
+    def entropy_map(self, attentions: list[Tensor] | None, like: Tensor) -> Tensor:
+        """ê [B, N] in [0, 1]; the ``none`` ablation gives a constant 0.5."""
+        if self.cfg.entropy == "none":
+            return torch.full_like(like, 0.5, dtype=torch.float32)
+        return structural_entropy(
+            attentions, self.cfg.entropy, int(self.cfg.two_level_k), int(self.cfg.two_level_iters)
+        )
+
+    def routed_tokens(self, p: Tensor, e_hat: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Routed (normal, anomalous) tokens per branch [B, S, 2, D], routing weights [B, 2, N], gate [B]."""
+        cfg = self.cfg
+        w_n, w_a = route_weights(p, e_hat, float(cfg.route_temperature), cfg.route_norm)
+        if cfg.entropy_split and self.n_branches == 2:
+            s = entropy_split(e_hat, float(cfg.split_temperature))
+            w_a_branch = torch.stack(
+                [normalise_routes(p * (1 - s), cfg.route_norm), normalise_routes(p * s, cfg.route_norm)], 1
+            )
+        else:
+            w_a_branch = w_a.unsqueeze(1).expand(-1, self.n_branches, -1)
+        t_n = pool(w_n, z)  # [B, D], shared by the branches
+        t_raw = torch.einsum("bsn,bnd->bsd", w_a_branch.to(z.dtype), z)
+        if cfg.gate:
+            g = confidence_gate(p, e_hat, float(cfg.gate_tau), float(cfg.gate_k0), float(cfg.gate_k1))
+        else:
+            g = torch.ones_like(p[:, 0])
+        t_a = g.to(z.dtype)[:, None, None] * t_raw
+        tokens = torch.stack([t_n.unsqueeze(1).expand_as(t_a), t_a], 2)
+        return tokens, torch.stack([w_n, w_a_branch[:, 0]], 1), g
+
+    def _prompt_forward(
+        self, images: Tensor, feats: Any, p: Tensor, p_img: Tensor, loss_inputs: dict[str, Tensor]
+    ) -> AnomalyOutput:
+        grid = feats.grid
+        with torch.no_grad():
+            e_hat = self.entropy_map(feats.attentions, p)
+            z = F.normalize(neighbour_average(feats.patch_tokens[-1].float(), grid, self.kernels), dim=-1)
+            tokens, routes, gate = self.routed_tokens(p, e_hat, z)
+        text = self.prompts(self.clip.text, self.bias(tokens))  # [B, S, 2, D]: one text-encoder call
+        logits = torch.einsum("bnd,bscd->bscn", z.to(text.dtype), text) / float(self.cfg.temperature)
+        probs = logits.float().softmax(2)  # [B, S, 2, N]
+        loss_inputs["branch_probs"] = probs
+        amap = self.fuse(probs, grid, tuple(images.shape[-2:]))
+        if not self.training:
+            amap = gaussian_blur(amap, float(self.cfg.smoothing_sigma))
+        w = float(self.cfg.score_map_weight)
+        score = (
+            w * image_score(amap, self.cfg.score_rule, float(self.cfg.topk_frac)) + (1 - w) * p_img.float()
+        )
+        extras = {
+            "entropy_map": tokens_to_grid(e_hat, grid).detach(),
+            "routing_weights": routes.detach(),
+            "gate": gate.detach(),
+            "p_img": p_img.detach(),
+        }
+        return AnomalyOutput(amap, score.float(), extras, loss_inputs)
+
+    def fuse(self, probs: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+        """Branch maps M_b = (S_a + 1 − S_n)/2, bilinear to ``size``, fused by fixed or confidence weights."""
+        b, s = probs.shape[:2]
+        up = upsample(tokens_to_grid(probs.flatten(1, 2).transpose(1, 2), grid), size).view(b, s, 2, *size)
+        maps = (up[:, :, 1] + 1.0 - up[:, :, 0]) / 2
+        if self.cfg.confidence_fusion:
+            ent = -(
+                torch.special.xlogy(up[:, :, 0], up[:, :, 0]) + torch.special.xlogy(up[:, :, 1], up[:, :, 1])
+            )
+            c = 1.0 - ent / math.log(2.0)
+            return (c * maps).sum(1) / c.sum(1).clamp_min(1e-6)
+        return torch.einsum("bshw,s->bhw", maps, self.branch_weights.to(maps.dtype))
+
+    # --- loss ------------------------------------------------------------------------------------------------------
+    def loss(self, output: AnomalyOutput, batch: Batch) -> dict[str, Tensor]:
+        gt = batch.gt
+        if gt is None:
+            raise ValueError("entroad: the auxiliary training set must have pixel masks (batch.mask is None)")
+        size = tuple(gt.shape[-2:])
+        grid = _grid_of(output.loss_inputs["retrieval_probs"].shape[1], size)
+        if self.stage == "retrieval":
+            probs = upsample(tokens_to_grid(output.loss_inputs["retrieval_probs"], grid), size)
+            seg = focal_loss(probs, gt) + dice_loss(probs[:, 1], gt)
+            ce = F.cross_entropy(output.loss_inputs["image_logits"].float(), batch.label.long())
+            return {"loss": seg + ce, "seg": seg.detach(), "ce": ce.detach()}
+        probs = output.loss_inputs["branch_probs"]  # [B, S, 2, N]
+        b, s = probs.shape[:2]
+        maps = upsample(tokens_to_grid(probs.flatten(0, 1).transpose(1, 2), grid), size)  # [B*S, 2, H, W]
+        per_branch = torch.stack(
+            [segmentation_loss(maps.view(b, s, 2, *size)[:, i], gt, both_dice=True) for i in range(s)]
+        )  # S ≤ 2 branches
+        total = (per_branch * self.branch_weights.to(per_branch.dtype)).sum()
+        out = {"loss": total, "branch_a": per_branch[0].detach()}
+        if s > 1:
+            out["branch_b"] = per_branch[1].detach()
+        return out
+
+    def log_stats(self, output: AnomalyOutput) -> dict[str, float]:
+        return {k: output.extras[k].float().mean() for k in ("gate", "p_img") if k in output.extras}
+
+
+def _grid_of(n: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Square patch grid of n tokens (inputs are square; checked)."""
+    side = int(round(math.sqrt(n)))
+    if side * side != n:
+        raise ValueError(f"entroad: {n} patch tokens do not form a square grid for input {size}")
+    return side, side
+
+
+def _check_config(cfg: Any) -> None:
+    if cfg.entropy not in ENTROPIES:
+        raise ValueError(f"method.entropy: {cfg.entropy!r}; expected one of {', '.join(ENTROPIES)}")
+    if cfg.route_norm not in ROUTE_NORMS:
+        raise ValueError(f"method.route_norm: {cfg.route_norm!r}; expected one of {', '.join(ROUTE_NORMS)}")
+    if sorted(cfg.stages) != sorted(STAGES):
+        raise ValueError(f"method.stages: EntroAD has the stages {list(STAGES)}, got {list(cfg.stages)}")
+    if list(cfg.stages) != list(STAGES):
+        raise ValueError(
+            f"method.stages: the retrieval stage must come before the prompt stage, got {list(cfg.stages)}"
+        )
+    if not cfg.taps:
+        raise ValueError("method.taps: at least one block must be tapped")
+    if len(cfg.branch_weights) != 2:
+        raise ValueError(
+            f"method.branch_weights: two weights (branch A, branch B) expected, got {list(cfg.branch_weights)}"
+        )
+    if cfg.score_rule not in ("mean_topk", "max"):
+        raise ValueError(f"method.score_rule: {cfg.score_rule!r}; expected mean_topk or max")

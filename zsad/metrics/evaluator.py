@@ -1,0 +1,315 @@
+"""The Evaluator callback: collects a test run's maps and scores per category and writes ``metrics.json``."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+
+import zsad
+from zsad.metrics.functional import evaluate
+from zsad.metrics.results import build_metrics_document, category_means, write_gallery, write_metrics_json
+from zsad.types import AnomalyOutput
+
+
+@dataclass
+class _CategoryBuffer:
+    """What one rank has seen of the category being collected (tensors stay on the module's device)."""
+
+    dataloader_idx: int
+    dataset: str
+    category: str
+    maps: list[Tensor] = field(default_factory=list)
+    masks: list[Tensor] | None = field(default_factory=list)
+    scores: list[Tensor] = field(default_factory=list)
+    labels: list[Tensor] = field(default_factory=list)
+    index: list[Tensor] = field(default_factory=list)
+    gallery: list[dict[str, Any]] = field(default_factory=list)  # this rank's lowest-index items, on the CPU
+    n_seen: int = 0
+
+    @property
+    def key(self) -> tuple[int, str, str]:
+        return self.dataloader_idx, self.dataset, self.category
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather_rows(tensors: list[Tensor]) -> list[Tensor]:
+    """Concatenates every rank's tensors along dim 0 (ranks may hold different row counts)."""
+    world = _world_size()
+    if world == 1:
+        return tensors
+    rows = tensors[0].shape[0]
+    count = torch.tensor([rows], device=tensors[0].device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    gathered = []
+    for t in tensors:
+        padded = t.new_zeros((max(sizes), *t.shape[1:]))
+        padded[:rows] = t
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
+    return gathered
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    if _world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * _world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _unpack_outputs(outputs: Any) -> tuple[Tensor, Tensor, Mapping[str, Tensor]]:
+    if isinstance(outputs, AnomalyOutput):
+        return outputs.anomaly_map, outputs.image_score, outputs.extras
+    if isinstance(outputs, Mapping) and "maps" in outputs and "scores" in outputs:
+        return outputs["maps"], outputs["scores"], outputs.get("extras") or {}
+    raise TypeError(
+        "Evaluator: test_step must return {'maps': Tensor [B,H,W], 'scores': Tensor [B], 'extras': dict}, "
+        f"got {type(outputs).__name__}"
+    )
+
+
+def _first_unique(index: Tensor) -> Tensor | None:
+    """Positions keeping the first occurrence of each index, or None when nothing repeats."""
+    sorted_index, perm = torch.sort(index, stable=True)
+    keep = torch.ones_like(sorted_index, dtype=torch.bool)
+    keep[1:] = sorted_index[1:] != sorted_index[:-1]
+    return None if bool(keep.all()) else perm[keep]
+
+
+def _device_name(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    world = _world_size()
+    return f"{device.type}: {name}" + (f" x{world}" if world > 1 else "")
+
+
+class Evaluator(Callback):
+    """Computes the exact metrics of a ``Trainer.test`` run, per (dataset, category), and writes the results.
+
+    The LightningModule's ``test_step`` returns ``{"maps": [B,H,W], "scores": [B], "extras": {...}}`` and the
+    batch is a ``data_modules.types.Batch``. Test loaders are ordered by category and a batch never spans two, so
+    a category is complete when the (dataloader, dataset, category) key changes: it is then gathered across
+    ranks, de-duplicated by ``batch.index`` (DDP pads shares with repeats), evaluated on the module's device and
+    freed. Memory is bounded by the largest category. Every rank computes the same numbers; rank 0 writes.
+
+    Writes ``<out_dir>/metrics.json`` (``specs/protocol.md`` §4, merged with ``pl_module.run_metadata()`` when
+    the module has it) and ``<out_dir>/gallery/<dataset>/<category>.npz`` holding the first
+    ``gallery_per_category`` images (by dataset index) of each category: ``paths``, ``maps`` (float16),
+    ``masks`` (uint8, only for sets with masks), ``labels``, ``scores`` and ``extra_<name>`` (float16) for each
+    per-image extra (leading dim B). Logs ``test/<dataset>/<metric>`` means.
+
+    Args:
+        out_dir: folder of the result files; ``None`` uses the trainer's ``default_root_dir``.
+        gallery_per_category: images per category in the gallery (0 disables it).
+        legacy_aupro: also compute ``pixel_aupro_legacy``.
+
+    Attributes:
+        results: the ``metrics.json`` content after ``test`` (also on ranks that do not write it).
+    """
+
+    def __init__(
+        self, out_dir: str | Path | None = None, gallery_per_category: int = 2, legacy_aupro: bool = True
+    ) -> None:
+        super().__init__()
+        self.out_dir = None if out_dir is None else Path(out_dir)
+        self.gallery_per_category = gallery_per_category
+        self.legacy_aupro = legacy_aupro
+        self.results: dict[str, Any] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self._current: _CategoryBuffer | None = None
+        self._finished: set[tuple[int, str, str]] = set()
+        self._datasets: dict[str, dict[str, Any]] = {}
+        self._t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def on_test_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._reset()
+
+    def on_test_batch_end(
+        self,
+        trainer: lightning.Trainer,
+        pl_module: lightning.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        maps, scores, extras = _unpack_outputs(outputs)
+        b = len(batch)
+        if maps.ndim != 3 or maps.shape[0] != b or tuple(scores.shape) != (b,):
+            raise ValueError(
+                f"Evaluator: expected maps [B,H,W] and scores [B] with B={b}, got maps {tuple(maps.shape)} "
+                f"and scores {tuple(scores.shape)}"
+            )
+        if len(set(batch.category)) != 1 or len(set(batch.dataset)) != 1:
+            raise ValueError(
+                f"Evaluator: batch {batch_idx} spans several categories {sorted(set(batch.category))}; "
+                "test loaders must batch one category at a time"
+            )
+        key = (dataloader_idx, batch.dataset[0], batch.category[0])
+        if self._current is None or self._current.key != key:
+            self._finish_category(trainer, pl_module)
+            if key in self._finished:
+                raise ValueError(
+                    f"Evaluator: category {key[1]}/{key[2]} came back after it was evaluated; "
+                    "test loaders must be ordered by category"
+                )
+            self._current = _CategoryBuffer(*key, masks=None if batch.mask is None else [])
+        self._append(self._current, batch, maps, scores, extras)
+
+    def on_test_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        self._finish_category(trainer, pl_module)
+        for data in self._datasets.values():
+            data["mean"], data["n_categories_in_mean"] = category_means(data["categories"])
+        for name, data in self._datasets.items():
+            for key, value in data["mean"].items():
+                if value is not None:
+                    # Identical on every rank, so the synchronising mean is a no-op that keeps Lightning quiet.
+                    pl_module.log(f"test/{name}/{key}", value, sync_dist=True, add_dataloader_idx=False)
+        test_s = time.perf_counter() - self._t0
+        n_images = sum(d["n_images"] for d in self._datasets.values())
+        timing = {
+            "test_s": test_s,
+            "images_per_s": n_images / test_s,
+            "device": _device_name(pl_module.device),
+        }
+        metadata = pl_module.run_metadata() if callable(getattr(pl_module, "run_metadata", None)) else {}
+        self.results = build_metrics_document(self._datasets, timing, _with_versions(metadata))
+        if trainer.is_global_zero:
+            write_metrics_json(self._out_dir(trainer) / "metrics.json", self.results)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _out_dir(self, trainer: lightning.Trainer) -> Path:
+        return self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir)
+
+    def _append(
+        self, buf: _CategoryBuffer, batch: Any, maps: Tensor, scores: Tensor, extras: Mapping[str, Tensor]
+    ) -> None:
+        b = maps.shape[0]
+        index = batch.index
+        if index.numel() != b:
+            if _world_size() > 1:
+                raise ValueError("Evaluator: Batch.index must give every sample's dataset index under DDP")
+            index = torch.arange(buf.n_seen, buf.n_seen + b)  # one process: arrival order is the identity
+        index = index.to(maps.device)
+        buf.n_seen += b
+        buf.maps.append(maps.detach().float())
+        buf.scores.append(scores.detach().float())
+        buf.labels.append(batch.label.detach().to(maps.device))
+        buf.index.append(index)
+        mask = None
+        if buf.masks is not None:
+            if batch.mask is None:
+                raise ValueError(
+                    f"Evaluator: {buf.dataset}/{buf.category} mixes batches with and without masks"
+                )
+            mask = batch.mask[:, 0]
+            if mask.shape != maps.shape:
+                raise ValueError(
+                    f"Evaluator: {buf.dataset}/{buf.category}: masks {tuple(mask.shape)} do not match maps "
+                    f"{tuple(maps.shape)}; maps must be at the evaluation resolution"
+                )
+            buf.masks.append(mask.detach().to(maps.device, torch.uint8))
+        self._keep_gallery(buf, batch, index, maps, scores, mask, extras)
+
+    def _keep_gallery(
+        self,
+        buf: _CategoryBuffer,
+        batch: Any,
+        index: Tensor,
+        maps: Tensor,
+        scores: Tensor,
+        mask: Tensor | None,
+        extras: Mapping[str, Tensor],
+    ) -> None:
+        """Keeps this rank's ``gallery_per_category`` lowest-index items (a handful, copied to the CPU)."""
+        k = self.gallery_per_category
+        if k <= 0:
+            return
+        b = maps.shape[0]
+        per_image = {
+            n: t for n, t in extras.items() if isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == b
+        }
+        for i in torch.argsort(index)[:k].tolist():
+            item = {
+                "index": int(index[i]),
+                "path": batch.path[i],
+                "map": maps[i].detach().half().cpu().numpy(),
+                "label": int(batch.label[i]),
+                "score": float(scores[i]),
+                "extras": {n: t[i].detach().half().cpu().numpy() for n, t in per_image.items()},
+            }
+            if mask is not None:
+                item["mask"] = mask[i].detach().to(torch.uint8).cpu().numpy()
+            buf.gallery.append(item)
+        buf.gallery = sorted(buf.gallery, key=lambda it: it["index"])[:k]
+
+    def _finish_category(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        buf, self._current = self._current, None
+        if buf is None:
+            return
+        tensors = [torch.cat(buf.maps), torch.cat(buf.scores), torch.cat(buf.labels), torch.cat(buf.index)]
+        if buf.masks is not None:
+            tensors.append(torch.cat(buf.masks))
+        buf.maps = buf.scores = buf.labels = buf.index = buf.masks = []  # free the per-batch pieces
+        tensors = _all_gather_rows(tensors)
+        keep = _first_unique(tensors[3])
+        if keep is not None:
+            tensors = [t[keep] for t in tensors]
+        maps, scores, labels, index = tensors[:4]
+        masks = tensors[4] if len(tensors) > 4 else None
+        metrics = evaluate(maps, masks, scores, labels, legacy_aupro=self.legacy_aupro)
+        data = self._datasets.setdefault(buf.dataset, {"categories": {}, "n_images": 0})
+        data["categories"][buf.category] = metrics
+        data["n_images"] += int(index.numel())
+        self._finished.add(buf.key)
+        del tensors, maps, masks
+        gallery = [it for part in _all_gather_objects(buf.gallery) for it in part]
+        if trainer.is_global_zero and self.gallery_per_category > 0:
+            self._write_gallery(trainer, buf, gallery)
+
+    def _write_gallery(self, trainer: lightning.Trainer, buf: _CategoryBuffer, items: list[dict]) -> None:
+        unique = {it["index"]: it for it in sorted(items, key=lambda it: it["index"], reverse=True)}
+        chosen = [unique[i] for i in sorted(unique)][: self.gallery_per_category]
+        arrays: dict[str, np.ndarray] = {
+            "maps": np.stack([it["map"] for it in chosen]),
+            "labels": np.asarray([it["label"] for it in chosen], dtype=np.uint8),
+            "scores": np.asarray([it["score"] for it in chosen], dtype=np.float32),
+            "index": np.asarray([it["index"] for it in chosen], dtype=np.int64),
+        }
+        if "mask" in chosen[0]:
+            arrays["masks"] = np.stack([it["mask"] for it in chosen])
+        for name in chosen[0]["extras"]:
+            arrays[f"extra_{name}"] = np.stack([it["extras"][name] for it in chosen])
+        safe = buf.category.replace("/", "_")
+        write_gallery(
+            self._out_dir(trainer) / "gallery" / buf.dataset / f"{safe}.npz",
+            arrays,
+            [it["path"] for it in chosen],
+        )
+
+
+def _with_versions(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The module's metadata with library versions filled in where it gives none."""
+    meta = dict(metadata)
+    versions = {"zsad": zsad.__version__, "torch": torch.__version__, "lightning": lightning.__version__}
+    meta["versions"] = {**versions, **dict(meta.get("versions") or {})}
+    return meta
