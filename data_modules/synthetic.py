@@ -9,7 +9,8 @@ and be tested on the other (a miniature cross-dataset protocol that runs on a la
     OUT/textures/<cat>/ground_truth/<defect>/NNN_mask.png
     OUT/objects/...                                      bottle, pill, metal_nut, screw, pcb
 
-Readers: ``synthetic_textures`` and ``synthetic_objects`` (root = ``OUT`` or the domain folder).
+Readers: ``synthetic_textures`` and ``synthetic_objects`` (root = ``OUT`` or the domain folder); ``DOMAINS`` maps
+reader name → domain folder.
 
 Every item is drawn from its own ``numpy.random.Generator`` seeded by ``(seed, domain, category, split, index)``,
 so an image does not depend on how many others are generated. An anomalous image is its defect-free rendering
@@ -32,7 +33,9 @@ from scipy import ndimage as ndi
 from data_modules.errors import DataError
 
 GENERATOR_VERSION = 1
-DOMAINS = ("textures", "objects")
+DOMAIN_DIRS = ("textures", "objects")
+# reader name → domain folder under the output folder
+DOMAINS = {"synthetic_textures": "textures", "synthetic_objects": "objects"}
 
 Array = np.ndarray
 Rng = np.random.Generator
@@ -458,7 +461,7 @@ def categories(domain: str) -> dict[str, tuple[str, ...]]:
     """Category → defect types of a domain."""
     table = {"textures": TEXTURES, "objects": OBJECTS}.get(domain)
     if table is None:
-        raise ValueError(f"unknown synthetic domain {domain!r}; expected one of {DOMAINS}")
+        raise ValueError(f"unknown synthetic domain {domain!r}; expected one of {DOMAIN_DIRS}")
     return {c: d for c, (_, d) in table.items()}
 
 
@@ -473,7 +476,7 @@ def _rngs(seed: int, domain: str, category: str, split: str, index: int) -> tupl
     """Independent generators for the clean rendering and the defect of one item."""
     key = [
         seed,
-        DOMAINS.index(domain),
+        DOMAIN_DIRS.index(domain),
         list(categories(domain)).index(category),
         ("train", "test").index(split),
         index,
@@ -577,9 +580,9 @@ def generate_synthetic(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted generation must not look complete
     counts = {}
-    total = sum(len(categories(d)) for d in DOMAINS)
+    total = sum(len(categories(d)) for d in DOMAIN_DIRS)
     with tqdm(total=total, desc="synthetic data", unit="category", disable=not show_progress) as bar:
-        for domain in DOMAINS:
+        for domain in DOMAIN_DIRS:
             tmp = out / f".{domain}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             counts[domain] = _write_domain(domain, tmp, opts, bar)
@@ -617,11 +620,11 @@ def ensure_synthetic(out_dir: str | Path, seed: int = 0, show_progress: bool = T
         except json.JSONDecodeError:
             found = {}
         if found.get("version") == GENERATOR_VERSION and found.get("options") == asdict(wanted):
-            if all((out / d).is_dir() for d in DOMAINS):
+            if all((out / d).is_dir() for d in DOMAIN_DIRS):
                 return out
-    elif any((out / d).exists() for d in DOMAINS):
+    elif any((out / d).exists() for d in DOMAIN_DIRS):
         raise DataError(
-            f"{out} holds {'/'.join(DOMAINS)} folders without {MANIFEST}: not written by the synthetic generator; "
+            f"{out} holds {'/'.join(DOMAIN_DIRS)} folders without {MANIFEST}: not written by the synthetic generator; "
             "remove them or choose another output folder"
         )
     return generate_synthetic(out, wanted, show_progress)
@@ -632,7 +635,7 @@ def contact_sheet(out_dir: str | Path, png_path: str | Path, per_category: int =
     outlined in red. Useful to eyeball the data."""
     out = Path(out_dir)
     rows = []
-    for domain in DOMAINS:
+    for domain in DOMAIN_DIRS:
         for cat in categories(domain):
             test = out / domain / cat / "test"
             normal = sorted((test / "good").glob("*.png"))[:2]

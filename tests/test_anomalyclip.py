@@ -58,7 +58,9 @@ def test_pool_level_matches_hand_computation():
     for i, j in itertools.product(range(4), range(5)):
         ys = range(max(0, i - 1), min(4, i + 2))
         xs = range(max(0, j - 1), min(5, j + 2))
-        cells = [x[:, :, a, c] for a in ys for c in xs]  # padding not counted: 4 at corners, 6 at edges, 9 inside
+        cells = [
+            x[:, :, a, c] for a in ys for c in xs
+        ]  # padding not counted: 4 at corners, 6 at edges, 9 inside
         ref[:, :, i, j] = sum(cells) / len(cells)
     ref /= np.linalg.norm(ref, axis=1, keepdims=True)
     assert np.abs(out - ref).max() < 1e-12
@@ -113,7 +115,9 @@ def test_loss_without_masks_is_a_clear_error():
     model = tiny_model().train()
     batch = tiny_batch()
     out = model(batch.image, batch)
-    no_mask = Batch(batch.image, None, batch.label, batch.category, batch.class_name, batch.dataset, batch.path)
+    no_mask = Batch(
+        batch.image, None, batch.label, batch.category, batch.class_name, batch.dataset, batch.path
+    )
     with pytest.raises(ValueError, match="pixel masks"):
         model.loss(out, no_mask)
 

@@ -12,6 +12,7 @@ from PIL import Image
 from data_modules.errors import DataError
 from data_modules.readers import read
 from data_modules.synthetic import (
+    DOMAIN_DIRS,
     DOMAINS,
     SynthOptions,
     categories,
@@ -38,7 +39,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
 
 
 def test_masks_are_exactly_the_changed_pixels() -> None:
-    for domain in DOMAINS:
+    for domain in DOMAIN_DIRS:
         for cat, defects in categories(domain).items():
             for i, defect in enumerate(defects):
                 image, mask, clean = render_item(domain, cat, "test", i, seed=3, size=48, defect=defect)
@@ -54,7 +55,7 @@ def test_masks_are_exactly_the_changed_pixels() -> None:
 def test_layout_is_readable_and_masks_match_labels(tmp_path: Path) -> None:
     out = generate_synthetic(tmp_path / "s", SMALL, False)
     all_defects = set()
-    for domain in DOMAINS:
+    for domain in DOMAIN_DIRS:
         samples = read(f"synthetic_{domain}", out)
         assert len({s.category for s in samples}) >= 4 and len(samples) == 4 * len(categories(domain))
         assert read(f"synthetic_{domain}", out / domain) == samples  # the domain folder works as root too
@@ -68,6 +69,7 @@ def test_layout_is_readable_and_masks_match_labels(tmp_path: Path) -> None:
         assert sum(s.label for s in samples) == 2 * len(categories(domain))
         assert len(list((out / domain).glob("*/train/good/*.png"))) == len(categories(domain))
     assert len(all_defects) >= 5
+    assert all(read(name, out / folder) == read(name, out) for name, folder in DOMAINS.items())
     assert {s.class_name for s in read("synthetic_objects", out)} >= {"metal nut", "pill"}
 
 
@@ -91,6 +93,6 @@ def test_contact_sheet(tmp_path: Path) -> None:
     out = generate_synthetic(tmp_path / "s", SMALL, False)
     png = contact_sheet(out, tmp_path / "sheet.png", per_category=4)
     sheet = np.asarray(Image.open(png))
-    n_rows = sum(len(categories(d)) for d in DOMAINS)
+    n_rows = sum(len(categories(d)) for d in DOMAIN_DIRS)
     assert sheet.shape == (n_rows * 36, 4 * 36, 3)
     assert ((sheet[..., 0] == 255) & (sheet[..., 1] == 0) & (sheet[..., 2] == 0)).any()  # mask outlines drawn

@@ -218,7 +218,9 @@ def test_frozen_expert_equals_the_block_mlp():
     to_frozen = r.mask[:, col]
     assert torch.equal(to_frozen, u @ direction > 0) and 0 < int(to_frozen.sum()) < 30
     assert torch.allclose(out[to_frozen], block.mlp(u[to_frozen]), atol=1e-5)
-    assert torch.equal(out[~to_frozen], torch.zeros_like(out[~to_frozen]))  # other experts start at zero (Up = 0)
+    assert torch.equal(
+        out[~to_frozen], torch.zeros_like(out[~to_frozen])
+    )  # other experts start at zero (Up = 0)
 
 
 def test_balance_is_one_under_uniform_routing_and_grows_under_collapse():
@@ -254,7 +256,9 @@ def test_model_loss_adds_alpha_times_balance():
     assert torch.allclose(terms["loss"], terms["seg"] + terms["ce"] + 0.25, atol=1e-5)
     assert out.extras["expert_share"].shape == (3, 6)
     stats = model.log_stats(out)
-    assert set(stats) == {f"share/l{b}/{e}" for b in (2, 3, 4) for e in ["zero", "frozen", "l0", "l1", "l2", "l3"]}
+    assert set(stats) == {
+        f"share/l{b}/{e}" for b in (2, 3, 4) for e in ["zero", "frozen", "l0", "l1", "l2", "l3"]
+    }
 
 
 # --- MPAMA stages --------------------------------------------------------------------------------------------------
@@ -273,7 +277,9 @@ def test_slot_moe_changes_only_the_vv_tokens_of_later_blocks():
     p0, p1 = plain.loss_inputs["probs"], moe.loss_inputs["probs"]
     assert torch.equal(p0[:, 0], p1[:, 0])  # tap 2 precedes the MoE block 3
     assert not torch.allclose(p0[:, 1], p1[:, 1])  # the frozen expert adds the block MLP at block 3
-    assert torch.equal(plain.loss_inputs["logits"], moe.loss_inputs["logits"])  # CLS / original path untouched
+    assert torch.equal(
+        plain.loss_inputs["logits"], moe.loss_inputs["logits"]
+    )  # CLS / original path untouched
 
 
 def test_stage_two_trains_only_routers_and_experts(monkeypatch):
@@ -357,12 +363,22 @@ def test_eval_text_cache_after_stage_one(monkeypatch):
 ABLATIONS = {
     "mpa": ["mpa_levels1", "mpa_levels2", "mpa_levels4", "mpa_no_bridge", "mpa_bridge_score"],
     "mpama": [
-        "mpama_experts1", "mpama_experts2", "mpama_experts8", "mpama_top1", "mpama_no_zero_expert",
-        "mpama_no_frozen_expert", "mpama_alpha0", "mpama_after_extraction", "mpama_joint",
+        "mpama_experts1",
+        "mpama_experts2",
+        "mpama_experts8",
+        "mpama_top1",
+        "mpama_no_zero_expert",
+        "mpama_no_frozen_expert",
+        "mpama_alpha0",
+        "mpama_after_extraction",
+        "mpama_joint",
     ],
 }
 TINY_OVERRIDES = [
-    "method.clip.name=tiny", "method.clip.pretrained=none", "method.image_size=56", "method.taps=[2,3,4]",
+    "method.clip.name=tiny",
+    "method.clip.pretrained=none",
+    "method.image_size=56",
+    "method.taps=[2,3,4]",
     "method.dpam_start=2",
 ]
 
@@ -380,7 +396,9 @@ def test_ablation_yamls_compose_and_build(method, ablation):
     base = compose(layers[:1])
     cfg = compose(layers, TINY_OVERRIDES)
     diff = {
-        k for k in base.method if OmegaConf.to_container(base.method)[k] != OmegaConf.to_container(cfg.method)[k]
+        k
+        for k in base.method
+        if OmegaConf.to_container(base.method)[k] != OmegaConf.to_container(cfg.method)[k]
     }
     assert diff - {"clip", "image_size", "taps", "dpam_start"}, f"{ablation} changes nothing"
     model = build_method(cfg.method)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from zsad import config as C
 from zsad.module import ZSADModule
 
 log = logging.getLogger("zsad")
+# Frozen backbones are in eval mode on purpose (ZSADMethod.train keeps them there).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -96,6 +100,7 @@ def make_trainer(cfg: DictConfig, out: Path, max_epochs: int | None = None, call
         callbacks=callbacks or [],
         enable_checkpointing=callbacks is not None and any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the DataModule shards by category itself (see CategoryBatchSampler)
         enable_model_summary=False,
     )
 

@@ -43,10 +43,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from zsad.config import EXPERIMENTS, ConfigError, compose, run_name
+from zsad import config as C
+from zsad.config import ConfigError, compose, run_name
 
 log = logging.getLogger("zsad.bench")
-PROJECT_ROOT = EXPERIMENTS.parent
 SPEC_KEYS = {
     "name",
     "title",
@@ -134,9 +134,10 @@ def resolve_path(p: str | Path, what: str) -> Path:
     path = Path(p)
     if path.is_absolute() or path.exists():
         return path
-    if (PROJECT_ROOT / path).exists():
-        return PROJECT_ROOT / path
-    raise ConfigError(f"{what}: {p} not found (relative to {Path.cwd()} or {PROJECT_ROOT})")
+    root = C.EXPERIMENTS.parent  # the project root
+    if (root / path).exists():
+        return root / path
+    raise ConfigError(f"{what}: {p} not found (relative to {Path.cwd()} or {root})")
 
 
 def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -188,7 +189,7 @@ def load_spec(path: Path, overrides: list[str] = ()) -> BenchSpec:
             f"{path}: method names must be unique (they are leaderboard rows); repeated: {dupes}"
         )
     for p in d["protocols"]:
-        if not (EXPERIMENTS / "protocols" / f"{p}.yaml").is_file():
+        if not (C.EXPERIMENTS / "protocols" / f"{p}.yaml").is_file():
             raise ConfigError(f"{path}: protocols: no experiments/protocols/{p}.yaml for protocol {p!r}")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in d["seeds"]):
         raise ConfigError(f"{path}: seeds must be integers, got {d['seeds']}")

@@ -238,18 +238,52 @@ class Group:
                 worst = (int(n), total)
         return worst
 
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({r.seed for r in self.runs})
+
+    @property
+    def protocols(self) -> list[str]:
+        return list(dict.fromkeys(r.protocol for r in self.runs))
+
     def timing(self, key: str) -> Stat:
-        vals = [r.timing.get(key) for r in self.runs]
-        return stat([float(v) if v is not None else None for v in vals])
+        """Over seeds; ``train_s`` adds up the trainings of one seed (a merged protocol trains twice)."""
+        if key != "train_s":
+            return stat([None if r.timing.get(key) is None else float(r.timing[key]) for r in self.runs])
+        per_seed = []
+        for s in self.seeds:
+            vals = [r.timing.get(key) for r in self.runs if r.seed == s]
+            per_seed.append(None if any(v is None for v in vals) else float(sum(vals)))
+        return stat(per_seed)
 
     def devices(self) -> str:
         return ", ".join(dict.fromkeys(str(r.timing.get("device", "?")) for r in self.runs))
 
 
+def protocol_family(protocol: str) -> str:
+    """``A_mvtec`` → ``A``: the halves of a protocol (spec §1: MVTec → others, VisA → MVTec) share one table."""
+    return protocol.split("_")[0]
+
+
+def _halves_disjoint(runs: Sequence[Run]) -> bool:
+    """Merging a family is safe when no (row, seed) gets the same dataset from two of its protocols."""
+    seen: set[tuple[str, int, str]] = set()
+    for r in runs:
+        for d in r.datasets:
+            if (r.label, r.seed, d) in seen:
+                return False
+            seen.add((r.label, r.seed, d))
+    return True
+
+
 def group_runs(runs: Sequence[Run]) -> dict[str, list[Group]]:
-    """protocol → row groups, in the order the runs came (the grid's order)."""
-    out: dict[str, dict[str, Group]] = {}
+    """Table key → row groups, in the order the runs came (the grid's order).
+
+    The key is the protocol family (``A`` for ``A`` and ``A_mvtec``) when the family's protocols test on
+    different datasets, else the protocol itself.
+    """
     seen: dict[tuple[str, str, int], Path] = {}
+    families: dict[str, list[Run]] = {}
     for r in runs:
         k = (r.protocol, r.label, r.seed)
         if k in seen:
@@ -257,10 +291,16 @@ def group_runs(runs: Sequence[Run]) -> dict[str, list[Group]]:
                 f"two results for {r.label} / protocol {r.protocol} / seed {r.seed}: {seen[k]} and {r.path}"
             )
         seen[k] = r.path
-        out.setdefault(r.protocol, {}).setdefault(r.label, Group(r.protocol, r.label)).runs.append(r)
+        families.setdefault(protocol_family(r.protocol), []).append(r)
+    out: dict[str, dict[str, Group]] = {}
+    for fam, members in families.items():
+        merge = _halves_disjoint(members)
+        for r in members:
+            key = fam if merge else r.protocol
+            out.setdefault(key, {}).setdefault(r.label, Group(key, r.label)).runs.append(r)
     for groups in out.values():
         for g in groups.values():
-            g.runs.sort(key=lambda r: r.seed)
+            g.runs.sort(key=lambda r: (r.seed, r.protocol))
     return {p: list(g.values()) for p, g in out.items()}
 
 
@@ -346,7 +386,7 @@ def _metric_table(
     if timing:
         header += ["train s", "test img/s", "device"]
         col_groups.append(("cost", 3))
-    rows = [[Cell(g.label), Cell(", ".join(str(r.seed) for r in g.runs))] for g in groups]
+    rows = [[Cell(g.label), Cell(", ".join(map(str, g.seeds)))] for g in groups]
     notes: list[str] = []
     for d in datasets:
         for k in keys:
@@ -379,7 +419,7 @@ def _category_tables(groups: list[Group], dataset: str) -> list[Table]:
             cells = [Cell(s.text()) for s in stats]
             notes += _mark(cells, stats, groups, dataset, k) if cat == "mean" else []
             _bold_best(cells, stats)
-            rows.append([Cell("mean", bold=True) if cat == "mean" else Cell(cat)] + cells)
+            rows.append([Cell("**mean**" if cat == "mean" else cat)] + cells)
         caption = f"{dataset} — {SHORT[k]} per category"
         tables.append(Table(caption, ["category"] + [g.label for g in groups], rows, notes=notes))
     return tables
@@ -422,21 +462,18 @@ def _backbone_text(run: Run) -> str:
     return ", ".join(parts or ["unknown"]) + (f" at {size}²" if isinstance(size, int) else "")
 
 
-def _data_text(runs: list[Run]) -> str:
-    """Where a protocol's data came from: the auxiliary set and the target sets with their roots."""
-    cfg = (runs[0].data.get("config") or {}).get("data") or {}
+def _data_text(run: Run) -> str:
+    """Where a protocol's data came from: the auxiliary set, the target sets and their root folders."""
+    cfg = (run.data.get("config") or {}).get("data") or {}
     train = cfg.get("train") or {}
     tests = cfg.get("test") or []
-    synth = cfg.get("synthetic_root")
-
-    def ref(d: dict[str, Any]) -> str:
-        root = d.get("root") or (f"generated under {synth}" if synth else "")
-        return f"`{d.get('name', '?')}` ({root})" if root else f"`{d.get('name', '?')}`"
-
-    train_on = runs[0].data.get("train_on") or train.get("name")
-    t = ref(train) if train else f"`{train_on}`"
-    targets = ", ".join(ref(d) for d in tests) or ", ".join(f"`{d}`" for d in runs[0].datasets)
-    return f"train on {t} → test on {targets}"
+    train_on = run.data.get("train_on") or train.get("name") or "?"
+    targets = ", ".join(f"`{d.get('name', '?')}`" for d in tests) or ", ".join(f"`{d}`" for d in run.datasets)
+    roots = {str(Path(d["root"]).parent) for d in [train, *tests] if d.get("root")}
+    if any(not d.get("root") for d in [train, *tests]) and cfg.get("synthetic_root"):
+        roots.add(f"generated under {cfg['synthetic_root']}")
+    where = f" (data: {', '.join(sorted(roots))})" if roots else ""
+    return f"train on `{train_on}` → test on {targets}{where}"
 
 
 def _per_label(texts: dict[str, str]) -> str:
@@ -460,8 +497,9 @@ def _header(runs: list[Run], groups: dict[str, list[Group]]) -> list[str]:
     if random:
         w += f" Random (untrained) backbone weights in: {', '.join(random)}."
     lines.append(w)
-    for p, gs in groups.items():
-        lines.append(f"**Data, protocol {p}** — {_data_text([r for g in gs for r in g.runs])}.")
+    firsts = {r.protocol: r for r in reversed(runs)}
+    for p in dict.fromkeys(r.protocol for r in runs):
+        lines.append(f"**Data, protocol {p}** — {_data_text(firsts[p])}.")
     commits = _distinct(str((r.data.get("versions") or {}).get("git", "unknown")) for r in runs)
     lines.append(f"**Code** — commit `{commits}`.")
     pkgs = _ordered_union((r.data.get("versions") or {}).keys() for r in runs)
@@ -473,9 +511,8 @@ def _header(runs: list[Run], groups: dict[str, list[Group]]) -> list[str]:
     if vers:
         lines.append(f"**Versions** — {vers}.")
     seeds = sorted({r.seed for r in runs})
-    lines.append(
-        f"**Runs** — {len(runs)} runs; seeds {', '.join(map(str, seeds))}; protocols {', '.join(groups)}."
-    )
+    protocols = ", ".join(dict.fromkeys(r.protocol for r in runs))
+    lines.append(f"**Runs** — {len(runs)} runs; seeds {', '.join(map(str, seeds))}; protocols {protocols}.")
     lines.append(
         "**Reading the tables** — percentages with one decimal; "
         + ("mean ± sample std over seeds; " if len(seeds) > 1 else "")
@@ -500,6 +537,12 @@ def build_document(
     for p, gs in groups.items():
         dsets = datasets_of(gs)
         sec = Section(f"Protocol {p}", 2)
+        halves = _ordered_union(g.protocols for g in gs)
+        if halves != [p]:
+            sec.paragraphs.append(
+                f"Merged from protocols {', '.join(halves)} (each dataset's numbers come from the run that tested "
+                "on it; train s adds up their trainings)."
+            )
         for i, chunk in enumerate(_chunks(dsets, MAX_DATASETS_PER_TABLE)):
             sec.tables.append(
                 _metric_table(f"Protocol {p} — main metrics", gs, chunk, MAIN_KEYS, timing=i == 0)

@@ -83,7 +83,7 @@ def bar_chart(groups: Sequence[Group], protocol: str, dataset: str, path: Path) 
     ax.axhline(50, color="0.6", lw=0.7, ls="--", zorder=0)
     ax.grid(axis="y", color="0.9", zorder=0)
     ax.set_axisbelow(True)
-    seeds = max(len(g.runs) for g in groups)
+    seeds = max(len(g.seeds) for g in groups)
     ax.set_title(
         f"{dataset} — protocol {protocol}" + (f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""),
         fontsize=11,
@@ -216,7 +216,11 @@ def gallery(
     """A grid of image | ground truth | each method's map (| extra maps). None when no run has a gallery."""
     labels = [g.label for g in groups]
     # The lowest seed of each row stands for the method: galleries are illustrations, not statistics.
-    items = {g.label: read_gallery(g.runs[0].run_dir, dataset, g.runs[0].method) for g in groups if g.runs}
+    items = {}
+    for g in groups:
+        run = next((r for r in g.runs if dataset in r.datasets), None)
+        if run is not None:
+            items[g.label] = read_gallery(run.run_dir, dataset, run.method)
     items = {k: v for k, v in items.items() if v}
     if not items:
         return None

@@ -138,7 +138,9 @@ class AnomalyCLIP(ZSADMethod):
     def vision_features(self, images: Tensor, records: list) -> VisionFeatures:
         """Frozen CLIP forward: V-V tapped tokens and the global embedding (no grad: nothing trains there)."""
         with torch.no_grad():
-            return self.clip.visual(images, taps=tuple(int(t) for t in self.cfg.taps), dpam_start=self.cfg.dpam_start)
+            return self.clip.visual(
+                images, taps=tuple(int(t) for t in self.cfg.taps), dpam_start=self.cfg.dpam_start
+            )
 
     def tap_tokens(self, feats: VisionFeatures, records: list) -> list[Tensor]:
         """Per-tap patch tokens [B, N, D] that the prompts are compared with."""
@@ -152,12 +154,12 @@ class AnomalyCLIP(ZSADMethod):
         before the cosine with its own prompt pair ``local_text[p]``.
         """
         b, n_taps = tokens[0].shape[0], len(tokens)
-        fmap = tokens_to_grid(torch.stack(tokens, 1).flatten(0, 1), grid)  # [B*L, D, gh, gw]
+        fmap = tokens_to_grid(torch.stack(tokens, 1).flatten(0, 1).float(), grid)  # [B*L, D, gh, gw]
         levels = []
         for r, pair in zip(self.kernels(), local_text):
             pooled = pool_level(fmap, r)
-            logits = torch.einsum("bdhw,cd->bchw", pooled, pair.to(pooled.dtype)) / self.cfg.temperature
-            levels.append(logits.float().softmax(1))
+            logits = torch.einsum("bdhw,cd->bchw", pooled, pair.float()) / self.cfg.temperature
+            levels.append(logits.softmax(1))
         probs = torch.stack(levels, 1)  # [B*L, P, 2, gh, gw]
         return probs.unflatten(0, (b, n_taps))
 
@@ -185,11 +187,12 @@ class AnomalyCLIP(ZSADMethod):
         feats = self.vision_features(images, records)
         tokens = self.tap_tokens(feats, records)
         local_text, global_pair = self.split_text(self.text_features())
-        probs = self.level_probs(tokens, feats.grid, local_text)
-        logits = self.global_logits(feats.global_embedding, global_pair)
-        # Map and score are outputs only (the loss reads loss_inputs): no graph kept for them.
-        amap = self.anomaly_map(probs.detach(), tuple(images.shape[-2:]))
-        score = self.score(amap, logits.detach().softmax(-1)[:, 1])
+        with float32_head(images):
+            probs = self.level_probs(tokens, feats.grid, local_text)
+            logits = self.global_logits(feats.global_embedding, global_pair)
+            # Map and score are outputs only (the loss reads loss_inputs): no graph kept for them.
+            amap = self.anomaly_map(probs.detach(), tuple(images.shape[-2:]))
+            score = self.score(amap, logits.detach().softmax(-1)[:, 1])
         extras, loss_inputs = self.routing_outputs(records)
         loss_inputs.update(probs=probs, logits=logits)
         return AnomalyOutput(amap, score.float(), extras, loss_inputs)
@@ -201,10 +204,14 @@ class AnomalyCLIP(ZSADMethod):
     def loss(self, output: AnomalyOutput, batch: Batch) -> dict[str, Tensor]:
         gt = batch.gt
         if gt is None:
-            raise ValueError(f"{self.cfg.name}: the auxiliary training set must have pixel masks (batch.mask is None)")
+            raise ValueError(
+                f"{self.cfg.name}: the auxiliary training set must have pixel masks (batch.mask is None)"
+            )
         probs = output.loss_inputs["probs"]  # [B, L, P, 2, gh, gw]
         b, n_taps, n_levels = probs.shape[:3]
-        maps = upsample(probs.flatten(1, 3), tuple(gt.shape[-2:])).reshape(b * n_taps * n_levels, 2, *gt.shape[-2:])
+        maps = upsample(probs.flatten(1, 3), tuple(gt.shape[-2:])).reshape(
+            b * n_taps * n_levels, 2, *gt.shape[-2:]
+        )
         targets = gt[:, None].expand(b, n_taps * n_levels, *gt.shape[-2:]).reshape(-1, *gt.shape[-2:])
         # Focal is a pixel mean and Dice a per-map mean, so one batched call × (L·P) is exactly Σ_l Σ_p.
         seg = segmentation_loss(maps, targets, both_dice=bool(self.cfg.both_dice)) * (n_taps * n_levels)
@@ -213,6 +220,11 @@ class AnomalyCLIP(ZSADMethod):
 
     def identity(self) -> dict[str, Any]:
         return {**self.clip.identity(), "image_size": self.input_size}
+
+
+def float32_head(like: Tensor) -> torch.autocast:
+    """Autocast off for the head: bf16 cosines / 0.07 and bf16 maps quantise scores into ties (DESIGN: precision)."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
 
 
 def pool_level(fmap: Tensor, kernel: int) -> Tensor:

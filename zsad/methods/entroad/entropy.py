@@ -126,12 +126,14 @@ def structural_entropy(
             "structural_entropy needs at least one tap's attention (backbone called without attn_taps?)"
         )
     per_tap = []
-    for attn in attentions:  # a handful of taps; everything inside is batched over images and patches
-        p = patch_attention(attn)
-        if kind == "row_entropy":
-            per_tap.append(row_entropy(p))
-        elif kind == "entropy_rate":
-            per_tap.append(entropy_rate(p))
-        else:
-            per_tap.append(two_level_entropy(p, k, iters))
-    return minmax(torch.stack(per_tap).mean(0))
+    # float32 even under bf16 autocast: the k-means and volume matmuls would otherwise drop to bf16.
+    with torch.autocast(attentions[0].device.type, enabled=False):
+        for attn in attentions:  # a handful of taps; everything inside is batched over images and patches
+            p = patch_attention(attn)
+            if kind == "row_entropy":
+                per_tap.append(row_entropy(p))
+            elif kind == "entropy_rate":
+                per_tap.append(entropy_rate(p))
+            else:
+                per_tap.append(two_level_entropy(p, k, iters))
+        return minmax(torch.stack(per_tap).mean(0))

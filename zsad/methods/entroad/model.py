@@ -227,7 +227,11 @@ class EntroAD(ZSADMethod):
     def retrieve(
         self, global_embedding: Tensor, pre_proj: Tensor, grid: tuple[int, int]
     ) -> tuple[Tensor, Tensor]:
-        """Image [B, 2] and patch [B, N, 2] {normal, anomalous} probabilities read from the memory."""
+        """Image [B, 2] and patch [B, N, 2] {normal, anomalous} probabilities read from the memory.
+
+        Similarity dropout applies in both training stages: the training images are in the memory, so without it
+        stage 2 would route on near-perfect self-retrieved ``p`` that a target image never gets.
+        """
         mem, r = self.memory, self.retrieval
         dropout = self.training and bool(self.cfg.sim_dropout)
         q_img = F.normalize(global_embedding.float(), dim=-1)
@@ -263,6 +267,7 @@ class EntroAD(ZSADMethod):
         cfg = self.cfg
         w_n, w_a = route_weights(p, e_hat, float(cfg.route_temperature), cfg.route_norm)
         if cfg.entropy_split and self.n_branches == 2:
+            # [R] spec: branch A pools p·(1 − s) (low-entropy, localised), branch B pools p·s (diffuse).
             s = entropy_split(e_hat, float(cfg.split_temperature))
             w_a_branch = torch.stack(
                 [normalise_routes(p * (1 - s), cfg.route_norm), normalise_routes(p * s, cfg.route_norm)], 1

@@ -129,14 +129,18 @@ class TokenMoE(nn.Module):
     ) -> None:
         super().__init__()
         if n_learnable < 0 or hidden < 1:
-            raise ValueError(f"method.n_experts must be ≥ 0 and method.expert_hidden ≥ 1, got {n_learnable}, {hidden}")
+            raise ValueError(
+                f"method.n_experts must be ≥ 0 and method.expert_hidden ≥ 1, got {n_learnable}, {hidden}"
+            )
         self.names = (["zero"] if zero_expert else []) + (["frozen"] if frozen_expert else [])
         self.names += [f"l{k}" for k in range(n_learnable)]
         if not self.names:
             raise ValueError("method: the MoE has no experts (n_experts = 0 and no zero/frozen expert)")
         self.frozen_col = self.names.index("frozen") if frozen_expert else None
         self.learn_start = len(self.names) - n_learnable
-        self.routers = nn.ModuleList(NoisyTopKRouter(dim, len(self.names), top_k, noisy) for _ in range(n_layers))
+        self.routers = nn.ModuleList(
+            NoisyTopKRouter(dim, len(self.names), top_k, noisy) for _ in range(n_layers)
+        )
         self.experts = SharedExperts(n_learnable, dim, hidden, scale) if n_learnable else None
 
     @property

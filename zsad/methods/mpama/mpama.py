@@ -64,7 +64,9 @@ class MPAMA(MPA):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         placement = cfg.moe_placement
-        self.moe_blocks = [int(t) for t in (cfg.taps if placement == "after" else (cfg.moe_layers or cfg.taps))]
+        self.moe_blocks = [
+            int(t) for t in (cfg.taps if placement == "after" else (cfg.moe_layers or cfg.taps))
+        ]
         self._check_moe_config()
         visual = self.clip.visual
         self.moe = TokenMoE(
@@ -111,7 +113,9 @@ class MPAMA(MPA):
         stages = self.cfg.stages
         allowed = {"mpa", "moe", "joint"}
         if set(stages) - allowed:
-            raise ValueError(f"method.stages: unknown stage(s) {sorted(set(stages) - allowed)}; expected {allowed}")
+            raise ValueError(
+                f"method.stages: unknown stage(s) {sorted(set(stages) - allowed)}; expected {allowed}"
+            )
         if self.cfg.joint:
             joint = stages["joint"] if "joint" in stages else stages["mpa"]
             return [Stage("joint", int(joint.epochs), joint.optim)]

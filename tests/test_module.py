@@ -1,0 +1,141 @@
+"""ZSADModule + run orchestration on a tiny dummy method: checkpoints, stages, resume, DDP, predict."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from zsad.config import compose
+from zsad.module import CheckpointMismatch, ZSADModule
+
+
+@pytest.fixture
+def cfg_factory(tmp_path, dummy_method):
+    synth = tmp_path / "synth"
+
+    def make(*over: str):
+        return compose([], [
+            "method.name=dummy", "protocol=synthetic", f"data.synthetic_root={synth}", f"out_dir={tmp_path / 'runs'}",
+            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=csv", "eval.gallery_per_category=1",
+            "data.test_batch_size=5", *over,
+        ])
+
+    return make
+
+
+def test_checkpoint_holds_only_trainable_state_and_identity(cfg_factory):
+    from zsad.run import train
+
+    cfg = cfg_factory()
+    out = train(cfg, test_after=False)
+    ckpt = torch.load(out / "checkpoints" / "second.ckpt", map_location="cpu", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"model.head.weight", "model.head.bias", "model.offset"}
+    assert ckpt["zsad"]["identity"]["backbone"] == "conv" and ckpt["zsad"]["stage"] == "second"
+    assert (out / "config.yaml").is_file()
+
+
+def test_checkpoint_round_trip_equals(cfg_factory):
+    from zsad.run import train
+
+    cfg = cfg_factory()
+    out = train(cfg, test_after=False)
+    a = ZSADModule(cfg)
+    a.load_trainable(out / "checkpoints" / "second.ckpt")
+    b = ZSADModule(cfg)
+    assert not torch.equal(a.model.head.weight, b.model.head.weight) or a.model.offset.item() != 0.0
+    b.load_trainable(out / "checkpoints" / "second.ckpt")
+    x = torch.randn(2, 3, 32, 32)
+    from tests_support import batch_of
+
+    batch = batch_of(x)
+    assert torch.equal(a.model(x, batch).anomaly_map, b.model(x, batch).anomaly_map)
+
+
+def test_checkpoint_refuses_other_backbone(cfg_factory):
+    from zsad.run import train
+
+    out = train(cfg_factory(), test_after=False)
+    other = ZSADModule(cfg_factory("method.backbone.pretrained=/elsewhere.pt"))
+    with pytest.raises(CheckpointMismatch, match="backbone"):
+        other.load_trainable(out / "checkpoints" / "second.ckpt")
+
+
+def test_stages_train_what_they_say(cfg_factory):
+    m = ZSADModule(cfg_factory())
+    m.set_stage("first")
+    assert m.model.head.weight.requires_grad and not m.model.offset.requires_grad
+    assert not any(p.requires_grad for p in m.model.backbone.parameters())
+    m.set_stage("second")
+    assert not m.model.head.weight.requires_grad and m.model.offset.requires_grad
+    m.train()
+    assert not m.model.backbone.training and m.model.head.training
+
+
+def test_resume_continues_and_skips_finished_stages(cfg_factory):
+    from zsad.run import train
+
+    cfg = cfg_factory("trainer.max_epochs=1")
+    out = train(cfg, test_after=False)
+    first = torch.load(out / "checkpoints" / "first.ckpt", map_location="cpu", weights_only=False)
+    # Interrupted run: the final checkpoint of stage 2 is gone, its last-epoch checkpoint remains.
+    (out / "checkpoints" / "second.ckpt").unlink()
+    longer = cfg_factory("trainer.max_epochs=2")
+    train(longer, test_after=False)
+    second = torch.load(out / "checkpoints" / "second.ckpt", map_location="cpu", weights_only=False)
+    assert second["epoch"] == 2  # continued from epoch 1 to 2, not restarted
+    # stage 1 was skipped: its checkpoint file is untouched
+    again = torch.load(out / "checkpoints" / "first.ckpt", map_location="cpu", weights_only=False)
+    assert torch.equal(again["state_dict"]["model.head.weight"], first["state_dict"]["model.head.weight"])
+
+
+def test_train_then_test_writes_metrics(cfg_factory):
+    from zsad.run import train
+
+    out = train(cfg_factory())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "dummy" and metrics["protocol"] == "synthetic"
+    ds = metrics["datasets"]["synthetic_objects"]
+    assert len(ds["categories"]) == 5
+    assert 0.0 <= ds["mean"]["image_auroc"] <= 1.0
+    assert metrics["timing"]["train_s"] > 0 and metrics["config"]["method"]["name"] == "dummy"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(cfg_factory):
+    """Testing the same checkpoint with 2 gloo processes gives the metrics of 1 process."""
+    from zsad.run import test, train
+
+    cfg = cfg_factory()
+    out = train(cfg, test_after=False)
+    ckpt = out / "checkpoints" / "second.ckpt"
+    one = test(cfg_factory(f"checkpoint={ckpt}", "run_name=one"))
+    two = test(cfg_factory(f"checkpoint={ckpt}", "run_name=two", "trainer=ddp_cpu"))
+    one_json = json.loads((out.parent / "one" / "metrics.json").read_text())
+    two_json = json.loads((out.parent / "two" / "metrics.json").read_text())
+    assert one_json["datasets"]["synthetic_objects"]["n_images"] == two_json["datasets"]["synthetic_objects"]["n_images"]
+    for cat, vals in one_json["datasets"]["synthetic_objects"]["categories"].items():
+        for k, v in vals.items():
+            w = two_json["datasets"]["synthetic_objects"]["categories"][cat][k]
+            assert (v is None and w is None) or abs(v - w) < 1e-6, (cat, k, v, w)
+    del one, two
+
+
+def test_predict_writes_overlays(cfg_factory, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from zsad.predict import predict
+    from zsad.run import train
+
+    out = train(cfg_factory(), test_after=False)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(imgs / f"part{i}.png")
+    (imgs / ".DS_Store").write_text("x")
+    written = predict(cfg_factory(f"checkpoint={out / 'checkpoints' / 'second.ckpt'}"), imgs, tmp_path / "ov")
+    assert sorted(p.name for p in written) == [f"part{i}_heatmap.png" for i in range(3)]
+    assert Image.open(written[0]).size == (64, 32)  # image | overlay at the method's input size
+    assert (tmp_path / "ov" / "scores.csv").read_text().count("\n") == 4
