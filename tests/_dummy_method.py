@@ -65,4 +65,4 @@ class Dummy(ZSADMethod):
         return {"loss": bce + dice, "bce": bce, "dice": dice}
 
     def identity(self):
-        return {"backbone": "conv", "pretrained": "none", "image_size": self.input_size}
+        return {"backbone": self.cfg.backbone.name, "pretrained": self.cfg.backbone.pretrained, "image_size": self.input_size}

@@ -205,3 +205,13 @@ def test_method_yaml_composes_to_the_paper_config():
     assert list(m.taps) == [6, 12, 18, 24] and m.dpam_start == 6 and m.image_size == 518
     assert m.stages.main.epochs == 15 and m.stages.main.optim.lr == 1e-3
     assert OmegaConf.to_container(m) == OmegaConf.to_container(OmegaConf.structured(AnomalyCLIPConfig()))
+
+
+def test_head_stays_float32_under_bf16_autocast():
+    model = tiny_model(smoothing_sigma=1.0).train()
+    batch = tiny_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch.image, batch)
+        terms = model.loss(out, batch)
+    assert out.anomaly_map.dtype == torch.float32 and out.image_score.dtype == torch.float32
+    assert out.loss_inputs["probs"].dtype == torch.float32 and terms["loss"].dtype == torch.float32

@@ -184,7 +184,7 @@ def test_empty_memory_and_empty_training_set_are_errors():
 # --- training -------------------------------------------------------------------------------------------------------
 
 
-def _train_steps(model: EntroAD, stage: str, batch, steps: int = 6, lr: float = 5e-3) -> list[float]:
+def _train_steps(model: EntroAD, stage: str, batch, steps: int = 5, lr: float = 5e-3) -> list[float]:
     model.set_stage(stage)
     model.train()
     optim = OmegaConf.merge(model.cfg.stages[stage].optim, {"lr": lr})

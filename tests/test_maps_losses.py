@@ -79,3 +79,10 @@ def test_switch_balance_uniform_and_collapse():
 def test_router_z_loss():
     logits = torch.zeros(4, 3)
     assert router_z_loss(logits).item() == pytest.approx(math.log(3) ** 2)
+
+
+def test_maps_stay_float32_under_autocast():
+    x = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gaussian_blur(x[:, 0], 2.0).dtype == torch.float32
+        assert upsample(x, 16).dtype == torch.float32

@@ -131,7 +131,8 @@ class RunConfig:
     seed: int = 0
     protocol: str = "custom"  # A | B | synthetic | custom — stated on every leaderboard row
     out_dir: str = "runs"
-    run_name: str = ""  # empty → <method>-<protocol>-s<seed>
+    variant: str = ""  # ablation / configuration name shown next to the method (experiments/ablations set it)
+    run_name: str = ""  # empty → <method>[-<variant>]-<protocol>-s<seed>
     logger: str = "csv"  # csv | wandb | none
     checkpoint: str = ""  # trainable-state checkpoint to test from / resume
 
@@ -221,7 +222,10 @@ def save(cfg: DictConfig, path: Path) -> Path:
 
 
 def run_name(cfg: DictConfig) -> str:
-    return cfg.run_name or f"{cfg.method.name}-{cfg.protocol}-s{cfg.seed}"
+    if cfg.run_name:
+        return cfg.run_name
+    variant = f"-{cfg.variant}" if cfg.variant else ""
+    return f"{cfg.method.name}{variant}-{cfg.protocol}-s{cfg.seed}"
 
 
 def to_dict(cfg: DictConfig) -> dict:

@@ -7,6 +7,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _no_autocast(fn):  # noqa: ANN001, ANN202
+    """Maps are float32 whatever autocast is active (bf16 maps create massive ties in the metrics)."""
+
+    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(*args, **kwargs)
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
+@_no_autocast
 def upsample(x: Tensor, size: int | tuple[int, int], align_corners: bool = False) -> Tensor:
     """Bilinear resize of [B, C, h, w] (or [B, h, w]) maps to ``size``; computed in float32."""
     squeeze = x.ndim == 3
@@ -34,6 +46,7 @@ def _gaussian_kernel(sigma: float, truncate: float, device: torch.device) -> Ten
     return k / k.sum()
 
 
+@_no_autocast
 def gaussian_blur(maps: Tensor, sigma: float, truncate: float = 4.0) -> Tensor:
     """Separable Gaussian smoothing of [B, H, W] maps on their device, float32.
 

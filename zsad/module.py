@@ -132,6 +132,7 @@ class ZSADModule(L.LightningModule):
         train = self.cfg.data.train
         return {
             "method": self.cfg.method.name,
+            "variant": self.cfg.variant,
             "protocol": self.cfg.protocol,
             "train_on": train.name if train is not None else None,
             "seed": int(self.cfg.seed),

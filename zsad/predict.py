@@ -21,6 +21,9 @@ def load_for_inference(cfg: DictConfig) -> ZSADModule:
     """Build the method, load a checkpoint's trainable state and replay the stage hooks up to its stage."""
     if not cfg.checkpoint:
         raise C.ConfigError("checkpoint: predict needs checkpoint=PATH (a zsad training checkpoint)")
+    import lightning as L
+
+    L.seed_everything(int(cfg.seed), workers=True)  # random-weight backbones must match the training run
     module = ZSADModule(cfg)
     ckpt = module.load_trainable(cfg.checkpoint)
     stage = ckpt["zsad"]["stage"]

@@ -148,6 +148,8 @@ def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, log
     out = run_dir(cfg)
     if module is None:
         C.save(cfg, out / "config.yaml")
+        # Seed before building: with `pretrained: none` the random frozen backbone must equal the training one.
+        L.seed_everything(int(cfg.seed), workers=True)
         module = ZSADModule(cfg, cache_dir=Path(cfg.out_dir) / ".cache")
         if not cfg.checkpoint:
             raise C.ConfigError("checkpoint: `zsad test` needs checkpoint=PATH (a zsad training checkpoint)")

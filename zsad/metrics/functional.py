@@ -257,17 +257,21 @@ class _SortedPairs:
         """float64 scores at positions [a, b)."""
         if not self.packed:
             return self.values[a:b].double()
-        order_key = (-(self.keys[a:b] >> 32)).int()
-        bits = torch.where(order_key >= 0, order_key, order_key ^ 0x7FFFFFFF)
+        order_key = torch.bitwise_not((self.keys[a:b] >> 32).int())
+        bits = order_key ^ ((order_key >> 31) & 0x7FFFFFFF)
         return bits.view(torch.float32).double()
 
 
 def _pack(scores: Tensor, targets: Tensor) -> Tensor:
     """int64 keys whose ascending order is the descending order of float32 ``scores``; low 32 bits = target."""
     bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0, so the two compare equal
-    # Flipping the magnitude bits of negative floats makes the signed integer order match the float order.
-    order_key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
-    return ((-order_key) << 32) | targets.long()
+    # Flipping the magnitude bits of negative floats makes the signed integer order match the float order;
+    # the bitwise complement then reverses it (and, unlike negation, stays within int32).
+    order_key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    key = torch.bitwise_not(order_key).long()
+    key <<= 32
+    key |= targets.long()
+    return key
 
 
 def sweep(

@@ -197,12 +197,12 @@ class EntroAD(ZSADMethod):
         return f.global_embedding.float(), f.pre_proj_tokens[0].float(), f.grid
 
     # --- forward -------------------------------------------------------------------------------------------------
-    def forward(self, images: Tensor, batch: Batch) -> AnomalyOutput:
+    def forward(self, images: Tensor, batch: Batch | None = None) -> AnomalyOutput:
         if not self.memory.built:
             raise RuntimeError(
                 "EntroAD memory is empty: train (prepare builds it) or load a checkpoint that holds it"
             )
-        if not self.training:
+        if not self.training and batch is not None:
             self.memory.check_disjoint(batch.path)
         retrieval_only = self.training and self.stage == "retrieval"
         want_attn = not retrieval_only and self.cfg.entropy != "none"
