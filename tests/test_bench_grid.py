@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import zsad.run
 from zsad import config as C
 from zsad.bench import grid
-from zsad.bench.leaderboard import METRIC_KEYS
+from zsad.bench.leaderboard import METRIC_KEYS, write_leaderboard
 from zsad.config import ConfigError, MethodConfig
 from zsad.methods import registry
 
@@ -58,6 +58,7 @@ def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
         values = dict.fromkeys(METRIC_KEYS, v)
         doc = {
             "method": cfg.method.name,
+            "variant": cfg.variant,
             "protocol": cfg.protocol,
             "train_on": "toyset",
             "seed": int(cfg.seed),
@@ -129,6 +130,13 @@ def test_changed_config_reruns_but_runtime_keys_do_not(toy: dict) -> None:
     toy["calls"].clear()
     grid.run_bench(toy["spec"], overrides=["method.knob=3.0", "logger=csv", "data.num_workers=3"])
     assert toy["calls"] == []
+    # a key added to the schema after a run was made (absent from its saved config) does not make it stale
+    saved = toy["root"] / "runs" / "toy-toy-s0" / "config.yaml"
+    cfg = OmegaConf.to_container(OmegaConf.load(saved))
+    del cfg["eval"]["gallery_per_category"]
+    saved.write_text(OmegaConf.to_yaml(cfg))
+    grid.run_bench(toy["spec"], overrides=["method.knob=3.0"])
+    assert toy["calls"] == []
 
 
 def test_interrupted_run_resumes(toy: dict) -> None:
@@ -184,7 +192,11 @@ def test_ablations_add_rows_after_their_method(toy: dict) -> None:
     _, rows = _rows(written["md"].read_text())
     assert rows == ["toy", "toy_big", "toy_hi"]
     cfg = OmegaConf.load(toy["root"] / "runs" / "toy_big-toy-s0" / "config.yaml")
-    assert cfg.method.knob == 5.0
+    assert cfg.method.knob == 5.0 and cfg.variant == "big"  # metrics.json names the ablation
+    # without the grid's labels the leaderboard names the row from method + variant alike
+    files = sorted((toy["root"] / "runs").glob("*/metrics.json"))
+    md = write_leaderboard(files, toy["root"] / "plain", "plain", plots=False)["md"].read_text()
+    assert "| toy_big | 0 |" in md
 
     # an override that undoes the ablation's own setting is refused
     with pytest.raises(ConfigError, match="toy_big.yaml: sets method.knob=5.0"):

@@ -44,12 +44,14 @@ def _values(base: float, step: float, null: tuple[str, ...] = ()) -> dict[str, f
     return {k: (None if k in null else round(base + step * i, 4)) for i, k in enumerate(KEYS)}
 
 
-def _write_run(root: Path, method: str, seed: int, datasets: dict, weights: str = "none") -> Path:
-    run = root / f"{method}-synthetic-s{seed}"
+def _write_run(
+    root: Path, method: str, seed: int, datasets: dict, weights: str = "none", protocol: str = "synthetic"
+) -> Path:
+    run = root / f"{method}-{protocol}-s{seed}"
     run.mkdir(parents=True)
     doc = {
         "method": method,
-        "protocol": "synthetic",
+        "protocol": protocol,
         "train_on": "textures",
         "seed": seed,
         "backbone": {"kind": "clip", "name": "tiny", "pretrained": weights, "image_size": 112},
@@ -352,3 +354,29 @@ def test_labels_and_failures(tmp_path: Path) -> None:
     assert set(rows) == {"mpama", "mpama_top1"}
     assert rows["mpama_top1"][1] == "70.0" and rows["mpama"][1] == "**80.0**"
     assert "## Failed runs" in md and "RuntimeError: boom" in md
+
+
+def test_protocol_halves_share_one_table(tmp_path: Path) -> None:
+    """A (MVTec → others) and A_mvtec (VisA → MVTec) fill one "Protocol A" table; train s adds both up."""
+    files = [
+        _write_run(tmp_path, "ava_dino", 0, {"visa": {"candle": _values(0.8, 0.0)}}, protocol="A"),
+        _write_run(tmp_path, "ava_dino", 0, {"mvtec": {"bottle": _values(0.9, 0.0)}}, protocol="A_mvtec"),
+    ]
+    md = write_leaderboard(files, tmp_path / "out", "halves", plots=False)["md"].read_text()
+    header, rows = _table(md, "Protocol A — main metrics")
+    assert "## Protocol A_mvtec" not in md and "Merged from protocols A, A_mvtec" in md
+    assert header[1] == "visa · I-AUROC" and header[5] == "mvtec · I-AUROC"
+    assert rows["ava_dino"][1] == "80.0" and rows["ava_dino"][5] == "90.0"
+    assert rows["ava_dino"][header.index("cost · train s")] == "60.0"  # 30 s + 30 s, one seed
+
+    # two protocols of a family that test on the same dataset are not merged: their numbers differ in kind
+    clash = [
+        _write_run(
+            tmp_path / "c", "ava_dino", 0, {"objects": {"pill": _values(0.6, 0.0)}}, protocol="synthetic"
+        ),
+        _write_run(
+            tmp_path / "c", "ava_dino", 0, {"objects": {"pill": _values(0.7, 0.0)}}, protocol="synthetic_x"
+        ),
+    ]
+    md = write_leaderboard(clash, tmp_path / "out_c", "clash", plots=False)["md"].read_text()
+    assert "## Protocol synthetic\n" in md and "## Protocol synthetic_x\n" in md

@@ -144,6 +144,18 @@ def test_negative_zero_ties_with_zero() -> None:
     assert auroc(scores, labels) == pytest.approx(0.875)
 
 
+def test_float32_order_over_the_whole_range() -> None:
+    """Huge, subnormal, negative and signed-zero float32 scores keep their order and ties (packed sort keys)."""
+    base = np.array([-3e30, -1.5, -1e-40, -0.0, 0.0, 1e-45, 2.5, 3e30], dtype=np.float32)
+    rng = np.random.default_rng(0)
+    scores = rng.choice(base, size=300)
+    labels = rng.random(300) < 0.4
+    got = binary_metrics(scores, labels, chunk_size=17)
+    assert got["auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert got["ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+    assert got["f1max"] == pytest.approx(_sklearn_f1max(labels, scores), abs=1e-12)
+
+
 def test_undefined_values_are_none() -> None:
     s = np.array([0.1, 0.5, 0.9])
     assert binary_metrics(s, np.zeros(3)) == {"auroc": None, "ap": None, "f1max": None}

@@ -17,6 +17,7 @@ Bench spec (``experiments/bench/*.yaml``)::
     overrides: [trainer.max_epochs=1]    # key=value for every run
     ablations: experiments/ablations     # optional: every <method>_<what>.yaml there adds a row
                                          # "<method>_<what>" = the method's default + that YAML layer
+                                         # (with variant=<what> unless the file sets its own variant)
 
 Each run is composed as ``compose([config, ablation?], ["protocol=<p>", "seed=<s>", "out_dir=<runs_dir>",
 "run_name=<label>-<p>-s<s>", *overrides, *method overrides, *cli overrides])``; CLI overrides of the form
@@ -25,7 +26,8 @@ are taken from the current folder, else from the project root.
 
 Every run is composed before any trains (a config error stops the grid before it costs anything). A run whose
 folder holds a ``metrics.json`` made with the same config is reused; ``force`` re-runs everything from scratch;
-a run whose saved config differs from the spec's is re-run from scratch (the differing keys are logged); a run
+a run whose saved config differs from the spec's is re-run from scratch (the differing keys are logged; keys
+the saved config lacks, i.e. added to the schema later, are not differences); a run
 interrupted mid-way resumes from its stage checkpoints. A failing run is recorded (``<run>/error.txt``,
 ``results/runs.json``, the leaderboard's "Failed runs") and the grid goes on; ``run_bench`` raises
 ``BenchFailed`` (a ``SystemExit``, exit status 1) at the end when any run failed.
@@ -262,11 +264,16 @@ def expand(spec: BenchSpec, cli_overrides: list[str] = ()) -> list[GridRun]:
     rows: list[tuple[str, MethodEntry, list[Path]]] = []
     ablations = ablation_files(spec.ablations, [m.name for m in spec.methods]) if spec.ablations else {}
     for m in spec.methods:
-        rows.append((m.name, m, [m.config]))
-        rows += [(f.stem, m, [m.config, f]) for f in ablations.get(m.name, [])]
+        rows.append((m.name, m, [m.config], []))
+        for f in ablations.get(m.name, []):
+            # metrics.json names the ablation through `variant` (unless the ablation file sets its own)
+            own = "variant" in OmegaConf.load(f)
+            rows.append(
+                (f.stem, m, [m.config, f], [] if own else [f"variant={f.stem.removeprefix(m.name + '_')}"])
+            )
     runs = []
     for p in spec.protocols:
-        for label, m, layers in rows:
+        for label, m, layers, extra in rows:
             for s in spec.seeds:
                 run = GridRun(label, m.name, p, int(s), layers, [])
                 run.overrides = [
@@ -274,6 +281,7 @@ def expand(spec: BenchSpec, cli_overrides: list[str] = ()) -> list[GridRun]:
                     f"seed={s}",
                     f"out_dir={spec.runs_dir}",
                     f"run_name={run.name}",
+                    *extra,
                     *spec.overrides,
                     *m.overrides,
                     *cli,
@@ -290,6 +298,9 @@ def compose_all(runs: list[GridRun]) -> None:
             run.cfg = compose(run.layers, run.overrides)
             for layer in run.layers[1:]:
                 _check_layer_kept(layer, run.cfg)
+            name = str(run.cfg.method.name)
+            if run.label != name and not run.cfg.variant:  # a spec row such as `toy_hi`: metrics.json says so
+                run.cfg.variant = run.label.removeprefix(name + "_")
         except ConfigError as e:
             errors.append(f"  {run.name}: {e}")
     if errors:
@@ -333,17 +344,22 @@ def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_diff(run: GridRun) -> list[str]:
-    """Keys whose value in the run folder's saved config differs from the composed one ([] = same or none saved)."""
+    """Keys whose value in the run folder's saved config differs from the composed one ([] = same or none saved).
+
+    Keys the saved config lacks are not differences: they were added to the schema after the run was made, and a
+    new key's default keeps the old behaviour (as with any code change, which does not re-run a finished run).
+    """
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():
         return []
     old = dict(_leaves(_comparable(OmegaConf.to_container(OmegaConf.load(saved), resolve=True))))
     new = dict(_leaves(_comparable(OmegaConf.to_container(run.cfg, resolve=True))))
     return [
-        f"{k}: {old.get(k, '<absent>')!r} → {new.get(k, '<absent>')!r}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
+        f"{k}: {old[k]!r} → {new.get(k, '<absent>')!r}" for k in sorted(old) if old[k] != new.get(k, _ABSENT)
     ]
+
+
+_ABSENT = object()
 
 
 def _execute(run: GridRun, force: bool) -> dict[str, Any]:

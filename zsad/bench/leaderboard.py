@@ -120,7 +120,7 @@ def load_run(path: Path, label: str | None = None) -> Run:
                     )
     return Run(
         path=Path(path),
-        label=label or str(data["method"]),
+        label=label or str(data["method"]) + (f"_{data['variant']}" if data.get("variant") else ""),
         method=str(data["method"]),
         protocol=str(data["protocol"]),
         seed=int(data["seed"]),
@@ -495,7 +495,8 @@ def _header(runs: list[Run], groups: dict[str, list[Group]]) -> list[str]:
     random = [lab for lab, rs in by_label.items() if any(is_random(r) for r in rs)]
     w = f"**Weights** — {weights}."
     if random:
-        w += f" Random (untrained) backbone weights in: {', '.join(random)}."
+        who = "every method" if len(random) == len(by_label) else ", ".join(random)
+        w += f" Randomly initialised (untrained) backbones in {who}: these rows measure the pipeline, not the method."
     lines.append(w)
     firsts = {r.protocol: r for r in reversed(runs)}
     for p in dict.fromkeys(r.protocol for r in runs):
@@ -518,7 +519,8 @@ def _header(runs: list[Run], groups: dict[str, list[Group]]) -> list[str]:
         + ("mean ± sample std over seeds; " if len(seeds) > 1 else "")
         + f"`{NULL}` = undefined (null in metrics.json, excluded from every mean); best per column in bold; "
         "\\* = the dataset mean ran over fewer categories than the dataset has; AUPRO integrates PRO up to "
-        "FPR 0.3 (MVTec definition, 8-connected regions); the legacy AUPRO is the AnomalyCLIP-family variant."
+        "FPR 0.3 (MVTec definition, 8-connected regions); the legacy AUPRO is the AnomalyCLIP-family variant; "
+        "cost = training wall time in seconds and test images per second (evaluation incl. metrics) on the device."
     )
     return lines
 
@@ -771,7 +773,7 @@ def write_leaderboard(
         metrics_files: one ``metrics.json`` per run; their order is the order of the rows.
         out: the results folder (created).
         title: the first line of the leaderboard (a random-weights warning is appended when it applies).
-        labels: row name per metrics file (ablations share a method); default: the file's ``method``.
+        labels: row name per metrics file; default: the file's ``method``, plus ``_<variant>`` when it has one.
         failures: failed runs to list (dicts with label, protocol, seed, error, run_dir).
         plots: draw the bar charts and heatmap galleries.
 
