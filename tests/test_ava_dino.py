@@ -395,4 +395,7 @@ def test_ablation_layer_changes_only_its_keys(path):
         if _leaves(OmegaConf.to_container(paper.method))[k] != v
     }  # fmt: skip
     assert changed and changed == set(_leaves(layer))
-    assert cfg.run_name == f"{path.stem}-{cfg.protocol}-s{cfg.seed}"
+    assert path.stem == f"ava_dino_{cfg.variant}"
+    from zsad.config import run_name
+
+    assert run_name(cfg) == f"ava_dino-{cfg.variant}-{cfg.protocol}-s{cfg.seed}"

@@ -138,14 +138,15 @@ def _check_document(doc: dict) -> None:
 
 def _check_gallery(out: Path) -> None:
     with np.load(out / "gallery" / "pix" / "aa.npz") as z:
-        assert list(z["paths"]) == ["/data/pix/aa/000.png", "/data/pix/aa/001.png"]
+        # one anomalous and one normal image, each the lowest index of its label (labels: i % 3 != 0)
+        assert list(z["paths"]) == ["/data/pix/aa/001.png", "/data/pix/aa/000.png"]
         assert z["maps"].shape == (2, H, W) and z["maps"].dtype == np.float16
-        assert z["masks"].shape == (2, H, W) and z["labels"].tolist() == [0, 1]
+        assert z["masks"].shape == (2, H, W) and z["labels"].tolist() == [1, 0]
         assert z["extra_gate"].shape == (2,) and z["extra_entropy_map"].shape == (2, H // 2, W // 2)
         assert "extra_expert_share" not in z.files  # not per-image
         np.testing.assert_allclose(z["extra_gate"], 2 * z["scores"], rtol=1e-3)
     with np.load(out / "gallery" / "img" / "only.npz") as z:
-        assert "masks" not in z.files and list(z["index"]) == [0, 1]
+        assert "masks" not in z.files and list(z["index"]) == [1, 0]  # anomalous first, then normal
 
 
 def _trainer(tmp_path: Path, **kwargs) -> lightning.Trainer:

@@ -45,6 +45,7 @@ TINY_CONFIG: dict[str, Any] = {
 _SHARED_KEYS = {"logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size", "attn_mask"}
 
 VVMlp = Callable[[int, nn.Module, Tensor], "Tensor | None"]
+ATTN_REDUCE = ("none", "mean_heads")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,6 +82,12 @@ def _mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def _attention_probs(q: Tensor, k: Tensor) -> Tensor:
+    """Softmax probabilities [B, h, T, T] in float32 (entropies of bf16 probabilities are too coarse)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Vision tower
 # --------------------------------------------------------------------------------------------------------------
@@ -100,7 +107,10 @@ class CLIPVision(nn.Module):
         heads: attention heads per block.
         n_blocks: number of transformer blocks.
         mean, std: CLIP's input normalisation.
+        head_chunk: heads per chunk when attention probabilities are head-averaged (``attn_reduce``).
     """
+
+    head_chunk: int = 4
 
     def __init__(
         self,
@@ -203,20 +213,23 @@ class CLIPVision(nn.Module):
         return taps
 
     def _attention(
-        self, block: nn.Module, h: Tensor, *, dual: bool, want_probs: bool
+        self, block: nn.Module, h: Tensor, *, dual: bool, want_probs: bool, reduce: str = "none"
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Original-path and (if ``dual``) V-V attention outputs of one block, after out-projection.
 
         Both paths share the LN1 input and the packed in-projection; without probabilities they run as one
-        SDPA call over the stacked batch [q; v] · [k; v] → [v; v].
+        SDPA call over the stacked batch [q; v] · [k; v] → [v; v]. With ``reduce="mean_heads"`` the
+        probabilities are built a few heads at a time and only their head mean [B, T, T] is kept.
         """
         q, k, v = _qkv(block, h)
         b = h.shape[0]
         probs = None
         if want_probs:
-            scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-            o = probs.to(v.dtype) @ v
+            if reduce == "mean_heads":
+                o, probs = self._attention_head_mean(q, k, v)
+            else:
+                probs = _attention_probs(q, k)
+                o = probs.to(v.dtype) @ v
             if dual:
                 o = torch.cat([o, F.scaled_dot_product_attention(v, v, v)])
         elif dual:
@@ -225,6 +238,22 @@ class CLIPVision(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v)
         o = _out_proj(block, o)
         return o[:b], (o[b:] if dual else None), probs
+
+    def _attention_head_mean(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention output [B, heads, T, d] and head-mean probabilities [B, T, T] (float32), in head chunks.
+
+        Peak extra memory is one chunk of ``head_chunk`` heads' probabilities plus the running sum, instead of
+        all heads (at 518², B=8, 16 heads: ~0.25 GB per chunk of 4 instead of ~0.96 GB per tap, kept per tap).
+        """
+        heads = q.shape[1]
+        total: Tensor | None = None
+        outs = []
+        for a in range(0, heads, self.head_chunk):
+            p = _attention_probs(q[:, a : a + self.head_chunk], k[:, a : a + self.head_chunk])
+            outs.append(p.to(v.dtype) @ v[:, a : a + self.head_chunk])
+            part = p.sum(1)
+            total = part if total is None else total.add_(part)
+        return torch.cat(outs, dim=1), total.div_(heads)
 
     def forward(
         self,
@@ -235,6 +264,7 @@ class CLIPVision(nn.Module):
         attn_taps: bool = False,
         pre_proj: bool = False,
         vv_mlp: VVMlp | None = None,
+        attn_reduce: str = "none",
     ) -> VisionFeatures:
         """Tapped patch tokens (V-V path from ``dpam_start`` on) and the global embedding (original path).
 
@@ -245,6 +275,9 @@ class CLIPVision(nn.Module):
                 original path). Before ``dpam_start`` the V-V path equals the original path.
             attn_taps: also return the original-path attention probabilities [B, heads, 1+N, 1+N] (float32) of
                 the tapped blocks (materialised only there).
+            attn_reduce: ``"none"`` keeps every head's probabilities; ``"mean_heads"`` returns their mean over heads
+                [B, 1+N, 1+N] (float32) instead, computed ``head_chunk`` heads at a time so that the full
+                [B, heads, 1+N, 1+N] tensor never exists (EntroAD needs only the head mean).
             pre_proj: also return the tapped V-V tokens after ``ln_post``, before ``proj`` ([B, N, width]).
             vv_mlp: ``vv_mlp(block_idx_1based, block, x)`` called at every V-V block (dpam_start .. max tap) with
                 the V-V tokens x [B, 1+N, width] after that block's V-V attention; it returns a residual delta
@@ -256,6 +289,8 @@ class CLIPVision(nn.Module):
             when asked, ``pre_proj_tokens`` and ``attentions``.
         """
         taps = self._check_args(taps, dpam_start, vv_mlp)
+        if attn_reduce not in ATTN_REDUCE:
+            raise ValueError(f"CLIPVision attn_reduce must be one of {ATTN_REDUCE}, got {attn_reduce!r}")
         grid = self._grid_of(images)
         tap_set, last_vv = set(taps), max(taps)
         tapped: dict[int, Tensor] = {}
@@ -270,7 +305,7 @@ class CLIPVision(nn.Module):
             # x_ori only. Only vv_mlp's delta below carries a graph.
             with torch.no_grad():
                 o_ori, o_vv, probs = self._attention(
-                    block, block.ln_1(x_ori), dual=dual, want_probs=want_probs
+                    block, block.ln_1(x_ori), dual=dual, want_probs=want_probs, reduce=attn_reduce
                 )
                 x_next = _mlp_residual(block, x_ori + o_ori)
             if dual:

@@ -94,9 +94,31 @@ def _first_unique(index: Tensor) -> Tensor | None:
 
 
 def _device_name(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.processor()})" if platform.processor() else "cpu"
     world = _world_size()
-    return f"{device.type}: {name}" + (f" x{world}" if world > 1 else "")
+    return name + (f" x{world}" if world > 1 else "")
+
+
+def _lowest_per_label(items: list[dict], k: int) -> list[dict]:
+    """The k lowest-index items of each label (so the gallery can show anomalous and normal images)."""
+    out: list[dict] = []
+    for label in (1, 0):
+        out += sorted((it for it in items if it["label"] == label), key=lambda it: it["index"])[:k]
+    return out
+
+
+def _balanced(items: list[dict], k: int) -> list[dict]:
+    """k items alternating anomalous / normal (lowest index first), topped up from whichever label remains."""
+    by_label = {lab: sorted((it for it in items if it["label"] == lab), key=lambda it: it["index"]) for lab in (1, 0)}
+    chosen: list[dict] = []
+    while len(chosen) < k and (by_label[1] or by_label[0]):
+        for lab in (1, 0):
+            if by_label[lab] and len(chosen) < k:
+                chosen.append(by_label[lab].pop(0))
+    return chosen
 
 
 class Evaluator(Callback):
@@ -240,7 +262,7 @@ class Evaluator(Callback):
         mask: Tensor | None,
         extras: Mapping[str, Tensor],
     ) -> None:
-        """Keeps this rank's ``gallery_per_category`` lowest-index items (a handful, copied to the CPU)."""
+        """Keeps this rank's ``gallery_per_category`` lowest-index items of each label (a handful, on the CPU)."""
         k = self.gallery_per_category
         if k <= 0:
             return
@@ -248,7 +270,7 @@ class Evaluator(Callback):
         per_image = {
             n: t for n, t in extras.items() if isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == b
         }
-        for i in torch.argsort(index)[:k].tolist():
+        for i in torch.argsort(index).tolist():
             item = {
                 "index": int(index[i]),
                 "path": batch.path[i],
@@ -260,7 +282,7 @@ class Evaluator(Callback):
             if mask is not None:
                 item["mask"] = mask[i].detach().to(torch.uint8).cpu().numpy()
             buf.gallery.append(item)
-        buf.gallery = sorted(buf.gallery, key=lambda it: it["index"])[:k]
+        buf.gallery = _lowest_per_label(buf.gallery, k)
 
     def _finish_category(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         buf, self._current = self._current, None
@@ -287,8 +309,8 @@ class Evaluator(Callback):
             self._write_gallery(trainer, buf, gallery)
 
     def _write_gallery(self, trainer: lightning.Trainer, buf: _CategoryBuffer, items: list[dict]) -> None:
-        unique = {it["index"]: it for it in sorted(items, key=lambda it: it["index"], reverse=True)}
-        chosen = [unique[i] for i in sorted(unique)][: self.gallery_per_category]
+        unique = list({it["index"]: it for it in items}.values())
+        chosen = _balanced(unique, self.gallery_per_category)
         arrays: dict[str, np.ndarray] = {
             "maps": np.stack([it["map"] for it in chosen]),
             "labels": np.asarray([it["label"] for it in chosen], dtype=np.uint8),

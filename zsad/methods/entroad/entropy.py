@@ -32,8 +32,14 @@ _EPS = 1e-12
 
 
 def patch_attention(attn: Tensor) -> Tensor:
-    """[B, heads, 1+N, 1+N] attention probabilities → row-stochastic [B, N, N] patch graph (float32)."""
-    a = attn.float().mean(1)[:, 1:, 1:]
+    """Attention probabilities → row-stochastic [B, N, N] patch graph (float32).
+
+    ``attn`` is either per head [B, heads, 1+N, 1+N] (averaged here) or already head-averaged [B, 1+N, 1+N]
+    (the backbone's ``attn_reduce="mean_heads"``, which never holds all heads at once).
+    """
+    if attn.dim() not in (3, 4):
+        raise ValueError(f"attention must be [B, heads, 1+N, 1+N] or [B, 1+N, 1+N], got {tuple(attn.shape)}")
+    a = (attn.float().mean(1) if attn.dim() == 4 else attn.float())[:, 1:, 1:]
     return a / a.sum(-1, keepdim=True).clamp_min(_EPS)
 
 
@@ -115,7 +121,7 @@ def structural_entropy(
     """Normalised patch entropy ``ê`` [B, N] from the original-path attention at the taps.
 
     Args:
-        attentions: one [B, heads, 1+N, 1+N] probability tensor per tap.
+        attentions: one probability tensor per tap, [B, heads, 1+N, 1+N] or head-averaged [B, 1+N, 1+N].
         kind: ``row_entropy`` | ``entropy_rate`` | ``two_level`` (``none`` is handled by the caller).
         k, iters: k-means settings of ``two_level``.
     """

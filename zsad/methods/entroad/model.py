@@ -207,8 +207,14 @@ class EntroAD(ZSADMethod):
         retrieval_only = self.training and self.stage == "retrieval"
         want_attn = not retrieval_only and self.cfg.entropy != "none"
         with torch.no_grad():
+            # Only the head mean of the attention is used: never materialise [B, heads, 1+N, 1+N] per tap.
             feats = self.clip.visual(
-                images, taps=self.taps, dpam_start=self.cfg.dpam_start, attn_taps=want_attn, pre_proj=True
+                images,
+                taps=self.taps,
+                dpam_start=self.cfg.dpam_start,
+                attn_taps=want_attn,
+                attn_reduce="mean_heads",
+                pre_proj=True,
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.stage == "retrieval"):
             img_probs, patch_probs = self.retrieve(
