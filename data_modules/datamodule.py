@@ -96,6 +96,8 @@ class ZSADDataModule(L.LightningDataModule):
         num_workers, pin_memory, persistent_workers: loader settings (persistence only applies with workers;
             pinning only with CUDA).
         seed: seeds the training shuffle and the workers.
+        cache_dir: when set, every dataset is decoded and resized once into a ``ResizedCache`` under this folder
+            (``data.cache_resized``) and read from memmaps afterwards; ``None`` decodes every time.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class ZSADDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         seed: int = 0,
+        cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self.train_spec = train
@@ -126,6 +129,7 @@ class ZSADDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.seed = seed
+        self.cache_dir = cache_dir
         self.test_names = _unique_names(self.test_specs)
         self.train_samples: list[Sample] = []
         self.test_samples: list[list[Sample]] = []
@@ -149,7 +153,16 @@ class ZSADDataModule(L.LightningDataModule):
                 self._test_masks.append(tasks_of(spec.name, samples)[0])
 
     def _dataset(self, samples: list[Sample], with_masks: bool) -> ZSADDataset:
-        return ZSADDataset(samples, self.image_size, self.mean, self.std, self.interpolation, with_masks)
+        return ZSADDataset(
+            samples,
+            self.image_size,
+            self.mean,
+            self.std,
+            self.interpolation,
+            with_masks,
+            cache_dir=self.cache_dir,
+            cache_workers=self.num_workers,
+        )
 
     def _loader_kwargs(self) -> dict[str, object]:
         workers = self.num_workers > 0

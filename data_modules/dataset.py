@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from data_modules.imageio import load_image, load_mask
 from data_modules.types import Batch, Sample
@@ -37,6 +43,154 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(soft) > 0.5
 
 
+CACHE_VERSION = 1
+
+
+def _file_stamp(path: str | Path | None) -> list[Any] | None:
+    if path is None:
+        return None
+    st = os.stat(path)
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+def resized_cache_key(
+    samples: Sequence[Sample], image_size: int, interpolation: str, with_masks: bool
+) -> str:
+    """SHA-1 of everything that decides the cached pixels: files (path, size, mtime), side, resampling, masks."""
+    desc = {
+        "version": CACHE_VERSION,
+        "size": int(image_size),
+        "interpolation": interpolation,
+        "with_masks": bool(with_masks),
+        "files": [
+            [_file_stamp(s.image_path), _file_stamp(s.mask_path) if with_masks else None] for s in samples
+        ],
+    }
+    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()
+
+
+class _Decode(Dataset):
+    """Decode + resize one sample to uint8 pixels (and a bool mask); fills the cache in loader workers."""
+
+    def __init__(self, samples: Sequence[Sample], size: int, interpolation: str, with_masks: bool) -> None:
+        self.samples = samples
+        self.size = size
+        self.interpolation = interpolation
+        self.with_masks = with_masks
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray, np.ndarray | None]:
+        s = self.samples[index]
+        image = resize_image(load_image(s.image_path), self.size, self.interpolation)
+        mask = None
+        if self.with_masks and s.mask_path is not None:
+            mask = resize_mask(load_mask(s.mask_path), self.size)
+        return index, image, mask
+
+
+def _keep(item: Any) -> Any:  # noqa: ANN401 — identity collate at module level (picklable for workers)
+    return item
+
+
+class ResizedCache:
+    """Decoded and resized pixels of a sample list, stored once as ``.npy`` memmaps (``data.cache_resized``).
+
+    The folder ``<root>/resized_<size>_<interpolation>_<key>`` holds ``images.npy`` (uint8 [N, S, S, 3]) and, for
+    datasets with pixel labels, ``masks.npy`` (bool [N, S, S]). The key covers every file's path, size and mtime,
+    the side and the resampling, so a changed file or setting builds a new folder. The folder appears by an atomic
+    rename once complete, so an interrupted build is never read. Memmaps are opened lazily in each process (a
+    loader worker maps the file itself instead of receiving a pickled copy of the pixels).
+
+    Args:
+        samples: the dataset's samples, in item order.
+        image_size: square side.
+        interpolation: image resampling name (see ``INTERPOLATIONS``).
+        with_masks: whether masks are cached.
+        root: cache folder (created if needed).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        interpolation: str,
+        with_masks: bool,
+        root: str | Path,
+    ) -> None:
+        self.samples = list(samples)
+        self.size = int(image_size)
+        self.interpolation = interpolation
+        self.with_masks = with_masks
+        key = resized_cache_key(self.samples, self.size, interpolation, with_masks)
+        self.folder = Path(root) / f"resized_{self.size}_{interpolation}_{key[:20]}"
+        self._images: np.ndarray | None = None
+        self._masks: np.ndarray | None = None
+
+    @property
+    def ready(self) -> bool:
+        return (self.folder / "images.npy").is_file()
+
+    def build(self, num_workers: int = 0) -> None:
+        """Decode and resize every sample once (in ``num_workers`` loader workers) unless the cache exists."""
+        if self.ready:
+            return
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder.with_name(f"{self.folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        n, s = len(self.samples), self.size
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, s, s, 3))
+        masks = None
+        if self.with_masks:
+            masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, s, s))
+        loader = DataLoader(
+            _Decode(self.samples, s, self.interpolation, self.with_masks),
+            batch_size=None,
+            num_workers=num_workers,
+            collate_fn=_keep,
+        )
+        for index, image, mask in tqdm(loader, desc=f"resize cache {s}²", unit="img", leave=False):
+            images[index] = image
+            if masks is not None:
+                masks[index] = False if mask is None else mask
+        images.flush()
+        if masks is not None:
+            masks.flush()
+        del images, masks
+        try:
+            os.replace(tmp, self.folder)
+        except OSError:  # another process finished the same cache first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not self.ready:
+                raise
+
+    def _open(self) -> None:
+        if not self.ready:
+            raise FileNotFoundError(f"resized cache {self.folder} is missing; call build() first")
+        self._images = np.load(self.folder / "images.npy", mmap_mode="r")
+        if self.with_masks:
+            self._masks = np.load(self.folder / "masks.npy", mmap_mode="r")
+
+    def image(self, index: int) -> np.ndarray:
+        """uint8 [S, S, 3] pixels of item ``index`` (a read-only view into the memmap)."""
+        if self._images is None:
+            self._open()
+        return self._images[index]
+
+    def mask(self, index: int) -> np.ndarray:
+        """bool [S, S] mask of item ``index`` (all False for a normal image)."""
+        if self._images is None:
+            self._open()
+        if self._masks is None:
+            raise ValueError(f"resized cache {self.folder} holds no masks (built with with_masks=False)")
+        return self._masks[index]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_images": None, "_masks": None}
+
+
 class ZSADDataset(Dataset):
     """Test items of one dataset (or the pooled auxiliary set) at a method's input size.
 
@@ -47,6 +201,9 @@ class ZSADDataset(Dataset):
         interpolation: image resampling, ``bicubic`` (CLIP methods) or ``bilinear`` (DINO).
         with_masks: ``True`` for datasets with pixel ground truth (normal images get all-zero masks); ``False`` for
             image-only datasets (every item's mask is ``None``).
+        cache_dir: folder of a :class:`ResizedCache` (decode and resize once, then read memmaps), or ``None`` to
+            decode and resize every time. Items are identical either way.
+        cache_workers: loader workers that fill the cache on its first use.
     """
 
     def __init__(
@@ -57,6 +214,8 @@ class ZSADDataset(Dataset):
         std: Sequence[float],
         interpolation: str = "bicubic",
         with_masks: bool = True,
+        cache_dir: str | Path | None = None,
+        cache_workers: int = 0,
     ) -> None:
         if interpolation not in INTERPOLATIONS:
             raise ValueError(
@@ -70,20 +229,30 @@ class ZSADDataset(Dataset):
         self.with_masks = with_masks
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.cache: ResizedCache | None = None
+        if cache_dir is not None:
+            self.cache = ResizedCache(self.samples, self.image_size, interpolation, with_masks, cache_dir)
+            self.cache.build(cache_workers)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _image(self, s: Sample) -> Tensor:
-        arr = resize_image(load_image(s.image_path), self.image_size, self.interpolation)
-        img = (
-            torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
-        )  # PIL's buffer is read-only
+    def _image(self, index: int) -> Tensor:
+        if self.cache is not None:
+            arr = self.cache.image(index)
+        else:
+            s = self.samples[index]
+            arr = resize_image(load_image(s.image_path), self.image_size, self.interpolation)
+        # np.array copies: PIL's buffer and the memmap are read-only.
+        img = torch.from_numpy(np.array(arr)).permute(2, 0, 1).float().div_(255.0)
         return (img - self.mean) / self.std
 
-    def _mask(self, s: Sample) -> Tensor | None:
+    def _mask(self, index: int) -> Tensor | None:
         if not self.with_masks:
             return None
+        if self.cache is not None:
+            return torch.from_numpy(np.array(self.cache.mask(index)))[None]
+        s = self.samples[index]
         if s.mask_path is None:
             return torch.zeros(1, self.image_size, self.image_size, dtype=torch.bool)
         return torch.from_numpy(resize_mask(load_mask(s.mask_path), self.image_size).copy())[None]
@@ -91,8 +260,8 @@ class ZSADDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
         return {
-            "image": self._image(s),
-            "mask": self._mask(s),
+            "image": self._image(index),
+            "mask": self._mask(index),
             "label": s.label,
             "category": s.category,
             "class_name": s.class_name,

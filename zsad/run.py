@@ -163,4 +163,9 @@ def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, log
     evaluator = Evaluator(out, legacy_aupro=bool(cfg.eval.legacy_aupro), gallery_per_category=int(cfg.eval.gallery_per_category))
     trainer = make_trainer(cfg, out, callbacks=[evaluator], logger=logger if logger is not None else make_logger(cfg, out))
     trainer.test(module, datamodule=dm, verbose=False)
+    if cfg.logger == "wandb" and trainer.is_global_zero:
+        from zsad.wandb_log import log_results
+
+        log_results(trainer.logger, out, evaluator.results)
+        trainer.logger.experiment.finish()  # flushes the summary a sweep agent reads
     return evaluator.results

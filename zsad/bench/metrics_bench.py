@@ -130,6 +130,30 @@ def bench_device(args: argparse.Namespace, device: torch.device) -> dict:
     return out
 
 
+def run(n: int, size: int, categories: int, device: str | torch.device) -> dict:
+    """Time the metrics on ``n`` synthetic maps at ``size``² over ``categories`` on one device (for the harness).
+
+    Returns ``bench_device``'s dict plus ``n``, ``size``, ``categories``, ``device``, the extrapolation factor to a
+    full VisA test set, ``evaluate_s`` (the full evaluation, measured) and ``evaluate_visa_s`` (extrapolated).
+    """
+    if n < categories:
+        raise ValueError(f"metrics bench: n ({n}) must be at least categories ({categories})")
+    device = torch.device(device)
+    out = bench_device(argparse.Namespace(n=n, size=size, categories=categories), device)
+    scale = VISA_TEST_IMAGES / n * (518 / size) ** 2  # metric cost grows with pixels
+    seconds = out["seconds"]["evaluate() (everything)"]
+    return {
+        **out,
+        "n": n,
+        "size": size,
+        "categories": categories,
+        "device": str(device),
+        "extrapolation_factor_to_visa_518": scale,
+        "evaluate_s": seconds,
+        "evaluate_visa_s": seconds * scale,
+    }
+
+
 def _table(results: dict, args: argparse.Namespace) -> str:
     scale = VISA_TEST_IMAGES / args.n
     devices = list(results)

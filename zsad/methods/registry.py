@@ -38,10 +38,10 @@ _TINY_CLIP = ["method.clip.name=tiny", "method.clip.pretrained=none", "method.ta
 TINY_OVERRIDES: dict[str, list[str]] = {
     "ava_dino": ["method.vision.name=tiny", "method.vision.pretrained=none", "method.text.name=tiny",
                  "method.text.pretrained=none", "method.taps=[1,2,3,4]"],
-    "anomalyclip": [*_TINY_CLIP, "method.dpam_start=2"],
-    "mpa": [*_TINY_CLIP, "method.dpam_start=2"],
-    "mpama": [*_TINY_CLIP, "method.dpam_start=2"],
-    "entroad": [*_TINY_CLIP, "method.dpam_start=2"],
+    "anomalyclip": [*_TINY_CLIP, "method.dpam_start=1"],
+    "mpa": [*_TINY_CLIP, "method.dpam_start=1"],
+    "mpama": [*_TINY_CLIP, "method.dpam_start=1"],
+    "entroad": [*_TINY_CLIP, "method.dpam_start=1"],
 }
 
 
