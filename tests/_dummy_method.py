@@ -37,7 +37,9 @@ class Dummy(ZSADMethod):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        g = torch.Generator().manual_seed(123)  # same frozen weights in every process, as pretrained ones would be
+        g = torch.Generator().manual_seed(
+            123
+        )  # same frozen weights in every process, as pretrained ones would be
         self.backbone = nn.Conv2d(3, cfg.width, 3, padding=1)
         with torch.no_grad():
             self.backbone.weight.copy_(torch.randn(self.backbone.weight.shape, generator=g) * 0.3)
@@ -56,7 +58,12 @@ class Dummy(ZSADMethod):
             f = self.backbone(images).relu()
         logits = self.head(f)[:, 0] + self.offset
         prob = logits.sigmoid()
-        return AnomalyOutput(prob.float(), prob.flatten(1).amax(1).float(), {"mean_prob": prob.mean((1, 2))}, {"logits": logits})
+        return AnomalyOutput(
+            prob.float(),
+            prob.flatten(1).amax(1).float(),
+            {"mean_prob": prob.mean((1, 2))},
+            {"logits": logits},
+        )
 
     def loss(self, output, batch):
         gt = batch.gt
@@ -65,4 +72,8 @@ class Dummy(ZSADMethod):
         return {"loss": bce + dice, "bce": bce, "dice": dice}
 
     def identity(self):
-        return {"backbone": self.cfg.backbone.name, "pretrained": self.cfg.backbone.pretrained, "image_size": self.input_size}
+        return {
+            "backbone": self.cfg.backbone.name,
+            "pretrained": self.cfg.backbone.pretrained,
+            "image_size": self.input_size,
+        }

@@ -247,6 +247,16 @@ def test_text_features_computed_once_per_class_name():
     assert feats.shape == (3, 2, TINY_DT) and torch.equal(feats[0], feats[2])
 
 
+def test_text_cache_is_float32_under_autocast_and_moves_once():
+    fp32, amp = _model(), _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = amp.text_features(["cable"], torch.device("cpu"))
+    torch.testing.assert_close(got, fp32.text_features(["cable"], torch.device("cpu")), atol=1e-6, rtol=1e-5)
+    # a pair is moved to the compute device once and then served from there
+    amp.text_features(["cable", "cable"], torch.device("meta"))
+    assert amp.text_cache.features["cable"].device.type == "meta"
+
+
 # --- forward, loss, training -------------------------------------------------------------------------------------
 
 
@@ -267,10 +277,108 @@ def test_forward_outputs_and_test_score():
     torch.testing.assert_close(out.image_score, out.anomaly_map.flatten(1).amax(1))
     w = out.extras["routing_weights"]
     assert w.shape == (4, 4, 2) and not w.requires_grad
-    assert m.log_stats(out)["routing_w_anomalous"] == pytest.approx(float(w[..., 1].mean()))
+    stat = m.log_stats(out)["routing_w_anomalous"]
+    assert torch.is_tensor(stat) and stat.ndim == 0  # no host sync inside the model
+    assert float(stat) == pytest.approx(float(w[..., 1].mean()))
     smooth = _model(smoothing_sigma=2.0)
     smooth.eval()
     torch.testing.assert_close(smooth(batch.image, batch).anomaly_map, gaussian_blur(cm[:, 1], 2.0))
+
+
+def _adapter(x: torch.Tensor, a) -> torch.Tensor:
+    """A(x) = LReLU_0.01(W2 LReLU_0.01(W1 x)) from an adapter's weights."""
+    return F.leaky_relu(F.leaky_relu(x @ a.down.weight.T, 0.01) @ a.up.weight.T, 0.01)
+
+
+def _up(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+@pytest.mark.parametrize("cls_adapt", [True, False])
+def test_forward_and_loss_follow_the_spec_equation_by_equation(cls_adapt):
+    """Re-derive every map, logit, routing weight and loss term of the spec from the backbone features."""
+    m = _model(cls_adapt=cls_adapt)
+    m.train()
+    batch = _batch(("bottle", "bottle", "cable", "cable"))
+    out = m(batch.image, batch)
+    b, size = 4, 64
+    feats = m.vision(batch.image, taps=m.taps)
+    gh, gw = feats.grid
+    t = m.text_features(list(batch.class_name), torch.device("cpu"))  # [B, 2, d_t]
+    heads = m.heads
+    p_w = heads.text_proj.weight  # P [D, d_t], shared by routing and prototypes
+    u = F.normalize(t @ p_w.T, dim=-1)
+    a_n = F.leaky_relu(t[:, 0] @ heads.prompt_adapters[0].down.weight.T, 0.01)
+    a_a = F.leaky_relu(t[:, 1] @ heads.prompt_adapters[1].down.weight.T, 0.01)
+    protos = torch.stack([a_n @ p_w.T, a_a @ p_w.T], 1)  # T, not normalised: [B, 2, D]
+    cms, aacms, globs, ws = [], [], [], []
+    for tap, (p, c) in enumerate(zip(feats.patch_tokens, feats.cls_tokens)):
+        p = (p - p.mean(1, keepdim=True)) / (p.std(1, keepdim=True) + 1e-6)
+        w = torch.softmax((F.normalize(c, dim=-1)[:, None] * u).sum(-1) / 0.1, dim=-1)  # [B, 2]
+        pn, pa = heads.patch_adapters[tap]  # per tap, not shared
+        p_hat = F.normalize(
+            w[:, 0, None, None] * _adapter(p, pn) + w[:, 1, None, None] * _adapter(p, pa) + p, dim=-1
+        )
+        if cls_adapt:
+            cn, ca = heads.cls_adapters[tap]
+            c_hat = F.normalize(w[:, 0, None] * _adapter(c, cn) + w[:, 1, None] * _adapter(c, ca) + c, dim=-1)
+        else:
+            c_hat = F.normalize(c, dim=-1)
+        s = (100 * p_hat @ protos.transpose(1, 2)).transpose(1, 2).reshape(b, 2, gh, gw)
+        cms.append(torch.softmax(_up(s, size), dim=1))
+        a = torch.sigmoid(_up((10 * (p_hat * c_hat[:, None]).sum(-1)).reshape(b, 1, gh, gw), size))
+        aacms.append(torch.cat([1 - a, a], dim=1))
+        globs.append(100 * (c_hat[:, None] * protos).sum(-1))
+        ws.append(w)
+    m_cm, m_aacm = torch.stack(cms).mean(0), torch.stack(aacms).mean(0)
+    s_glob, w_all = torch.stack(globs).mean(0), torch.stack(ws, 1)
+    li = out.loss_inputs
+    torch.testing.assert_close(li["cm_probs"], m_cm, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(li["aacm_probs"], m_aacm, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(li["global"], s_glob, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out.extras["routing_weights"], w_all)
+    torch.testing.assert_close(out.anomaly_map, m_cm[:, 1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.image_score, m_cm[:, 1].flatten(1).amax(1), atol=1e-5, rtol=1e-4)
+
+    gt, y = batch.mask[:, 0].float(), batch.label
+
+    def focal(probs):
+        one_hot = torch.stack([1 - gt, gt], 1).clamp(1e-5, 1 - 1e-5)
+        pt = (one_hot * probs).sum(1) + 1e-5
+        return (-((1 - pt) ** 2) * pt.log()).mean()
+
+    def dice(prob):
+        inter = (prob * gt).flatten(1).sum(1)
+        return 1 - ((2 * inter + 1) / (prob.flatten(1).sum(1) + gt.flatten(1).sum(1) + 1)).mean()
+
+    w_bar = w_all.mean(1)
+    route = ((w_bar[:, 0] - (1 - y.float())) ** 2).mean() + ((w_bar[:, 1] - y.float()) ** 2).mean()
+    total = (
+        0.5 * (focal(m_cm) + dice(m_cm[:, 1]))
+        + 0.25 * (focal(m_aacm) + dice(m_aacm[:, 1]))
+        + 0.25 * F.cross_entropy(s_glob, y)
+        + 0.1 * route
+    )
+    torch.testing.assert_close(m.loss(out, batch)["loss"], total, atol=1e-5, rtol=1e-4)
+
+
+def test_heads_are_float32_under_bf16_autocast():
+    """bf16 autocast (Lightning's bf16-mixed) must not reach the logits: 100·cos in bf16 has steps of 0.5."""
+    g = torch.Generator().manual_seed(4)
+    patches, cls, text = (
+        torch.randn(2, 3, 16, 8, generator=g),
+        torch.randn(2, 3, 8, generator=g),
+        torch.randn(2, 2, 6, generator=g),
+    )
+    heads = _heads()
+    ref = heads(patches, cls, text)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = heads(patches.bfloat16(), cls.bfloat16(), text)
+        ref_bf16_in = heads(patches.bfloat16().float(), cls.bfloat16().float(), text)
+    for key in ("cm", "global", "routing", "aacm"):
+        assert got[key].dtype == torch.float32, key
+        torch.testing.assert_close(got[key], ref_bf16_in[key], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(ref["cm"], ref_bf16_in["cm"])  # the inputs were rounded, the head was not
 
 
 def test_loss_is_the_weighted_sum_of_its_terms():

@@ -47,11 +47,13 @@ def test_tokens_to_grid_and_upsample():
 
 
 def test_focal_loss_matches_hand_formula():
-    probs = torch.tensor([[0.9, 0.2], [0.1, 0.8]]).reshape(1, 2, 1, 2)  # pixel0: p=(0.9,0.1), pixel1: (0.2,0.8)
+    probs = torch.tensor([[0.9, 0.2], [0.1, 0.8]]).reshape(
+        1, 2, 1, 2
+    )  # pixel0: p=(0.9,0.1), pixel1: (0.2,0.8)
     target = torch.tensor([[[0, 0]]])  # both normal
     eps = 1e-5
     pt = torch.tensor([0.9 * (1 - eps) + 0.1 * eps, 0.2 * (1 - eps) + 0.8 * eps]) + eps
-    expected = (-(1 - pt) ** 2 * pt.log()).mean()
+    expected = (-((1 - pt) ** 2) * pt.log()).mean()
     assert torch.allclose(focal_loss(probs, target), expected, atol=1e-7)
 
 

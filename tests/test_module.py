@@ -16,11 +16,21 @@ def cfg_factory(tmp_path, dummy_method):
     synth = tmp_path / "synth"
 
     def make(*over: str):
-        return compose([], [
-            "method.name=dummy", "protocol=synthetic", f"data.synthetic_root={synth}", f"out_dir={tmp_path / 'runs'}",
-            "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "logger=csv", "eval.gallery_per_category=1",
-            "data.test_batch_size=5", *over,
-        ])
+        return compose(
+            [],
+            [
+                "method.name=dummy",
+                "protocol=synthetic",
+                f"data.synthetic.root={synth}",
+                f"out_dir={tmp_path / 'runs'}",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                "logger=csv",
+                "eval.gallery_per_category=1",
+                "data.test_batch_size=5",
+                *over,
+            ],
+        )
 
     return make
 
@@ -114,7 +124,10 @@ def test_ddp_two_processes_match_one(cfg_factory):
     two = test(cfg_factory(f"checkpoint={ckpt}", "run_name=two", "trainer=ddp_cpu"))
     one_json = json.loads((out.parent / "one" / "metrics.json").read_text())
     two_json = json.loads((out.parent / "two" / "metrics.json").read_text())
-    assert one_json["datasets"]["synthetic_objects"]["n_images"] == two_json["datasets"]["synthetic_objects"]["n_images"]
+    assert (
+        one_json["datasets"]["synthetic_objects"]["n_images"]
+        == two_json["datasets"]["synthetic_objects"]["n_images"]
+    )
     for cat, vals in one_json["datasets"]["synthetic_objects"]["categories"].items():
         for k, v in vals.items():
             w = two_json["datasets"]["synthetic_objects"]["categories"][cat][k]

@@ -114,3 +114,49 @@ def test_state_dict_holds_only_learnable_tensors(text):
     other.load_state_dict(learner.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(other(text), learner(text))
+
+
+def test_templates_are_the_object_agnostic_pair(text):
+    """After the 12 context slots come exactly the words of "object." and "damaged object." (then EOT)."""
+    learner = _learner(text)
+    for i, words in enumerate(["object.", "damaged object."]):
+        plain = text.tokenize([words])[0]
+        n_words = int(plain.argmax()) - 1  # between SOS and EOT
+        assert int(learner.eot_index[i]) == 1 + 12 + n_words
+        assert torch.equal(learner.tokens[i, 13 : 13 + n_words + 1], plain[1 : 1 + n_words + 1])
+
+
+def test_context_and_deep_tokens_start_as_normal_0_002():
+    torch.manual_seed(0)
+    wide = build_clip("tiny", vision=False).text
+    learner = PromptLearner(wide, n_sets=8)  # 8·2·12·64 context values, 2·4·64 deep values
+    for p, tol in ((learner.ctx, 0.001), (learner.deep, 0.003)):
+        assert abs(float(p.std()) - 0.02) < tol and abs(float(p.mean())) < tol
+
+
+@torch.no_grad()
+def test_deep_prompts_follow_anomalyclip_semantics(text):
+    """Independent re-computation with the tower's own open_clip blocks: layer 0 reads SOS + context + words;
+    before layer j ≥ 1 the positions 1..n_deep are replaced by deep[j - 1]; EOT → ln_final → projection → unit."""
+    learner = _learner(text, n_sets=2, depth=3, n_deep=4)
+    assert learner.deep.shape == (2, 4, text.width)  # depth 3 → layers 1 and 2 get their own tokens
+    feats = learner(text)  # [2, 2, D]
+    tower = text.tower
+    embeds = torch.cat(
+        [learner.prefix.expand(2, -1, -1, -1), learner.ctx, learner.suffix.expand(2, -1, -1, -1)], dim=2
+    ).flatten(0, 1)
+    x = embeds + tower.positional_embedding
+    for j, block in enumerate(tower.transformer.resblocks):
+        if 1 <= j <= learner.deep.shape[0]:
+            x = x.clone()
+            x[:, 1:5] = learner.deep[j - 1]
+        x = block(x, attn_mask=tower.attn_mask)
+    eot = learner.eot_index.repeat(2)
+    ref = tower.ln_final(x)[torch.arange(4), eot] @ tower.text_projection
+    ref = ref / ref.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(feats.flatten(0, 1), ref, atol=1e-5, rtol=1e-4)
+    # the first n_deep context vectors are read by layer 0 only, the later ones by every layer
+    moved = learner.ctx.clone()
+    moved[:, :, :4] += 1.0
+    learner.ctx.copy_(moved)
+    assert not torch.allclose(learner(text), feats, atol=1e-4)

@@ -29,7 +29,9 @@ def test_sweep_parameters_exist_in_the_schema(path):
     base = compose([Path(EXPERIMENTS.parent / method_yaml)], ["protocol=validation"])
     assert spec["metric"]["name"].startswith("test/mean/")
     for key, domain in spec["parameters"].items():
-        assert OmegaConf.select(base, key, default="__absent__") != "__absent__", f"{path.name}: {key} not in schema"
+        assert OmegaConf.select(base, key, default="__absent__") != "__absent__", (
+            f"{path.name}: {key} not in schema"
+        )
         # every value the sweep can pass must compose (types checked by the schema)
         for value in domain.get("values", [domain.get("min"), domain.get("max")]):
             compose([Path(EXPERIMENTS.parent / method_yaml)], ["protocol=validation", f"{key}={value}"])
@@ -40,9 +42,19 @@ def test_offline_wandb_run_gets_tables_means_and_gallery(tmp_path, dummy_method,
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    cfg = compose([], ["method.name=dummy", "protocol=synthetic", f"data.synthetic_root={tmp_path / 's'}",
-                       f"out_dir={tmp_path / 'runs'}", "trainer.accelerator=cpu", "logger=wandb",
-                       "trainer.enable_progress_bar=false", "eval.gallery_per_category=2"])
+    cfg = compose(
+        [],
+        [
+            "method.name=dummy",
+            "protocol=synthetic",
+            f"data.synthetic.root={tmp_path / 's'}",
+            f"out_dir={tmp_path / 'runs'}",
+            "trainer.accelerator=cpu",
+            "logger=wandb",
+            "trainer.enable_progress_bar=false",
+            "eval.gallery_per_category=2",
+        ],
+    )
     out = train(cfg)
     files = list((out / "wandb").glob("offline-run-*/files"))
     assert len(files) == 1
@@ -54,16 +66,20 @@ def test_offline_wandb_run_gets_tables_means_and_gallery(tmp_path, dummy_method,
     assert {row[1] for row in table["data"]} >= {"mean", "bottle"}
     assert list(media.rglob("*.png")), "gallery not logged"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {row[1] for row in table["data"]} == set(metrics["datasets"]["synthetic_objects"]["categories"]) | {"mean"}
+    assert {row[1] for row in table["data"]} == set(
+        metrics["datasets"]["synthetic_objects"]["categories"]
+    ) | {"mean"}
 
 
 def test_dataset_means_skip_undefined():
     from zsad.wandb_log import dataset_means
 
-    results = {"datasets": {
-        "a": {"mean": {"image_auroc": 0.8, "pixel_aupro": None}},
-        "b": {"mean": {"image_auroc": 0.6, "pixel_aupro": 0.5}},
-    }}
+    results = {
+        "datasets": {
+            "a": {"mean": {"image_auroc": 0.8, "pixel_aupro": None}},
+            "b": {"mean": {"image_auroc": 0.6, "pixel_aupro": 0.5}},
+        }
+    }
     means = dataset_means(results)
     assert means["test/mean/image_auroc"] == pytest.approx(0.7)
     assert means["test/mean/pixel_aupro"] == pytest.approx(0.5)  # only where defined

@@ -7,7 +7,9 @@ import torch
 from data_modules.types import Batch
 
 
-def batch_of(images: torch.Tensor, masks: torch.Tensor | None = None, labels=None, class_name: str = "object") -> Batch:
+def batch_of(
+    images: torch.Tensor, masks: torch.Tensor | None = None, labels=None, class_name: str = "object"
+) -> Batch:
     """A Batch around ``images`` [B,3,H,W]; masks default to a square defect on the first half of the batch."""
     b, _, h, w = images.shape
     if masks is None:
@@ -15,5 +17,13 @@ def batch_of(images: torch.Tensor, masks: torch.Tensor | None = None, labels=Non
         masks[: max(1, b // 2), :, h // 4 : h // 2, w // 4 : w // 2] = True
     if labels is None:
         labels = masks.flatten(1).any(1).long()
-    return Batch(images, masks, torch.as_tensor(labels).long(), ["cat"] * b, [class_name] * b, ["ds"] * b,
-                 [f"{i}.png" for i in range(b)], torch.arange(b))
+    return Batch(
+        images,
+        masks,
+        torch.as_tensor(labels).long(),
+        ["cat"] * b,
+        [class_name] * b,
+        ["ds"] * b,
+        [f"{i}.png" for i in range(b)],
+        torch.arange(b),
+    )

@@ -62,12 +62,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from zsad.bench.grid import run_bench
 
-    run_bench(Path(args.spec), overrides=args.overrides, force=args.force, out=Path(args.out) if args.out else None)
+    run_bench(
+        Path(args.spec), overrides=args.overrides, force=args.force, out=Path(args.out) if args.out else None
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zsad", description="Zero-shot anomaly detection: train, test, benchmark.")
+    p = argparse.ArgumentParser(
+        prog="zsad", description="Zero-shot anomaly detection: train, test, benchmark."
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     cfg_help = "YAML layers (experiments/…) and key=value overrides, in order; group=name loads experiments/<group>s/name.yaml"

@@ -78,6 +78,17 @@ class DatasetRef:
 
 
 @dataclass
+class SyntheticConfig:
+    """The embedded synthetic benchmark, generated on first use (and again only when an option changes)."""
+
+    root: str = "data/synthetic"
+    seed: int = 0
+    size: int = 128  # image side in pixels
+    n_test: int = 12  # test images per category (about half anomalous)
+    n_train: int = 4  # train/good images per category
+
+
+@dataclass
 class DataConfig:
     train: DatasetRef | None = None
     test: list[DatasetRef] = field(default_factory=list)
@@ -86,7 +97,7 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = True
     persistent_workers: bool = True
-    synthetic_root: str = "data/synthetic"  # where `zsad` generates the embedded benchmark if a synthetic set is used
+    synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig())
 
 
 @dataclass
@@ -137,7 +148,8 @@ class RunConfig:
     checkpoint: str = ""  # trainable-state checkpoint to test from / resume
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def load_yaml(path: Path) -> DictConfig:
+    """Read one YAML mapping; a missing or malformed file is a ConfigError naming it."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -170,11 +182,11 @@ def _override_layer(item: str) -> DictConfig:
 
 def read_layers(layers: list[str | Path], overrides: list[str]) -> list[DictConfig]:
     """Turn YAML paths and overrides into an ordered list of untyped layers (group selections expanded)."""
-    out: list[DictConfig] = [_load_yaml(Path(p)) for p in layers]
+    out: list[DictConfig] = [load_yaml(Path(p)) for p in layers]
     for item in overrides:
         key, _, value = item.partition("=")
         group = _group_file(key.strip(), value.strip())
-        out.append(_load_yaml(group) if group else _override_layer(item))
+        out.append(load_yaml(group) if group else _override_layer(item))
     return out
 
 
@@ -190,7 +202,9 @@ def compose(layers: list[str | Path] = (), overrides: list[str] = ()) -> DictCon
     merged = OmegaConf.merge(*raw) if raw else OmegaConf.create()
     name = OmegaConf.select(merged, "method.name", default=None)
     if not name:
-        raise ConfigError("method.name is not set: give a method YAML (experiments/methods/*.yaml) or method=NAME")
+        raise ConfigError(
+            "method.name is not set: give a method YAML (experiments/methods/*.yaml) or method=NAME"
+        )
     schema = OmegaConf.structured(RunConfig(method=method_schema(str(name))()))
     cfg = schema
     for layer in raw:

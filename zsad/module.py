@@ -104,7 +104,9 @@ class ZSADModule(L.LightningModule):
         missing, unexpected = super().load_state_dict(state_dict, strict=False, assign=assign)
         missing = [k for k in missing if not k.startswith(self._frozen_prefixes())]
         if strict and (missing or unexpected):
-            raise CheckpointMismatch(f"checkpoint does not fit {self.cfg.method.name}: missing {missing}, unexpected {unexpected}")
+            raise CheckpointMismatch(
+                f"checkpoint does not fit {self.cfg.method.name}: missing {missing}, unexpected {unexpected}"
+            )
         return missing, unexpected
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -151,4 +153,6 @@ def check_identity(checkpoint: dict[str, Any], method: str, identity: dict[str, 
     if meta["method"] != method:
         raise CheckpointMismatch(f"checkpoint is for method {meta['method']!r}, not {method!r}")
     if meta["identity"] != identity:
-        raise CheckpointMismatch(f"checkpoint backbone {meta['identity']} differs from this model's {identity}")
+        raise CheckpointMismatch(
+            f"checkpoint backbone {meta['identity']} differs from this model's {identity}"
+        )

@@ -45,10 +45,14 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return (alpha * color + (1 - alpha) * image.astype(np.float32)).clip(0, 255).astype(np.uint8)
 
 
-def predict(cfg: DictConfig, images: Path, out: Path, class_name: str = "object", batch_size: int = 8) -> list[Path]:
+def predict(
+    cfg: DictConfig, images: Path, out: Path, class_name: str = "object", batch_size: int = 8
+) -> list[Path]:
     if not images.is_dir():
         raise C.ConfigError(f"--images: {images} is not a folder")
-    files = sorted(p for p in images.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+    files = sorted(
+        p for p in images.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p)
+    )
     if not files:
         raise C.ConfigError(f"--images: no image files (png/jpg/bmp/tif) in {images}")
     module = load_for_inference(cfg)

@@ -18,7 +18,9 @@ from zsad.module import ZSADModule
 log = logging.getLogger("zsad")
 # Frozen backbones are in eval mode on purpose (ZSADMethod.train keeps them there).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging interval")
+warnings.filterwarnings(
+    "ignore", message=r"The number of training batches .* is smaller than the logging interval"
+)
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -31,11 +33,15 @@ def build_datamodule(cfg: DictConfig, module: ZSADModule, with_train: bool = Tru
 
     def spec(ref: Any) -> DatasetSpec:
         root = ref.root or _default_root(cfg, ref.name)
-        return DatasetSpec(name=ref.name, root=str(root), categories=list(ref.categories) if ref.categories else None)
+        return DatasetSpec(
+            name=ref.name, root=str(root), categories=list(ref.categories) if ref.categories else None
+        )
 
     model = module.model
     if with_train and cfg.data.train is None:
-        raise C.ConfigError("data.train is not set: training needs an auxiliary dataset (see experiments/protocols/)")
+        raise C.ConfigError(
+            "data.train is not set: training needs an auxiliary dataset (see experiments/protocols/)"
+        )
     if not cfg.data.test and not with_train:
         raise C.ConfigError("data.test is empty: give at least one target dataset")
     return ZSADDataModule(
@@ -59,8 +65,12 @@ def _default_root(cfg: DictConfig, name: str) -> Path:
     from data_modules import synthetic
 
     if name in synthetic.DOMAINS:
-        return synthetic.ensure_synthetic(Path(cfg.data.synthetic_root), seed=0) / synthetic.DOMAINS[name]
-    raise C.ConfigError(f"data: dataset {name!r} has no root; set its `root:` (or the ZSAD_DATA layout in the protocol YAML)")
+        s = cfg.data.synthetic
+        root = synthetic.ensure_synthetic(Path(s.root), seed=s.seed, size=s.size, n_test=s.n_test, n_train=s.n_train)
+        return root / synthetic.DOMAINS[name]
+    raise C.ConfigError(
+        f"data: dataset {name!r} has no root; set its `root:` (or the ZSAD_DATA layout in the protocol YAML)"
+    )
 
 
 def make_logger(cfg: DictConfig, out: Path):  # noqa: ANN201
@@ -70,8 +80,12 @@ def make_logger(cfg: DictConfig, out: Path):  # noqa: ANN201
         from lightning.pytorch.loggers import WandbLogger
 
         return WandbLogger(
-            project=cfg.wandb.project, entity=cfg.wandb.entity, tags=list(cfg.wandb.tags), name=C.run_name(cfg),
-            save_dir=str(out), config=C.to_dict(cfg),
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            tags=list(cfg.wandb.tags),
+            name=C.run_name(cfg),
+            save_dir=str(out),
+            config=C.to_dict(cfg),
         )
     if cfg.logger == "csv":
         from lightning.pytorch.loggers import CSVLogger
@@ -80,7 +94,9 @@ def make_logger(cfg: DictConfig, out: Path):  # noqa: ANN201
     raise C.ConfigError(f"logger: unknown logger {cfg.logger!r}; expected csv, wandb or none")
 
 
-def make_trainer(cfg: DictConfig, out: Path, max_epochs: int | None = None, callbacks: list | None = None, logger=None) -> L.Trainer:  # noqa: ANN001
+def make_trainer(
+    cfg: DictConfig, out: Path, max_epochs: int | None = None, callbacks: list | None = None, logger=None
+) -> L.Trainer:  # noqa: ANN001
     t = cfg.trainer
     return L.Trainer(
         accelerator=t.accelerator,
@@ -98,7 +114,8 @@ def make_trainer(cfg: DictConfig, out: Path, max_epochs: int | None = None, call
         default_root_dir=str(out),
         logger=logger if logger is not None else False,
         callbacks=callbacks or [],
-        enable_checkpointing=callbacks is not None and any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_checkpointing=callbacks is not None
+        and any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the DataModule shards by category itself (see CategoryBatchSampler)
         enable_model_summary=False,
@@ -129,7 +146,14 @@ def train(cfg: DictConfig, test_after: bool = True, resume: bool = True) -> Path
             continue
         module.set_stage(stage.name)
         epochs = int(cfg.trainer.max_epochs) if cfg.trainer.max_epochs is not None else stage.epochs
-        last = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename=f"{stage.name}-last", save_last=False, every_n_epochs=1, save_top_k=1, monitor=None)
+        last = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename=f"{stage.name}-last",
+            save_last=False,
+            every_n_epochs=1,
+            save_top_k=1,
+            monitor=None,
+        )
         trainer = make_trainer(cfg, out, max_epochs=epochs, callbacks=[last], logger=logger)
         partial = ckpt_dir / f"{stage.name}-last.ckpt"
         trainer.fit(module, datamodule=dm, ckpt_path=str(partial) if (resume and partial.is_file()) else None)
@@ -160,8 +184,12 @@ def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, log
             if stage.name == ckpt["zsad"]["stage"]:
                 break
     dm = datamodule or build_datamodule(cfg, module, with_train=False)
-    evaluator = Evaluator(out, legacy_aupro=bool(cfg.eval.legacy_aupro), gallery_per_category=int(cfg.eval.gallery_per_category))
-    trainer = make_trainer(cfg, out, callbacks=[evaluator], logger=logger if logger is not None else make_logger(cfg, out))
+    evaluator = Evaluator(
+        out, legacy_aupro=bool(cfg.eval.legacy_aupro), gallery_per_category=int(cfg.eval.gallery_per_category)
+    )
+    trainer = make_trainer(
+        cfg, out, callbacks=[evaluator], logger=logger if logger is not None else make_logger(cfg, out)
+    )
     trainer.test(module, datamodule=dm, verbose=False)
     if cfg.logger == "wandb" and trainer.is_global_zero:
         from zsad.wandb_log import log_results

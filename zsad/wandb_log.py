@@ -39,7 +39,9 @@ def log_results(logger: Any, run_dir: Path, results: dict[str, Any]) -> None:
 
     exp = logger.experiment
     payload: dict[str, Any] = dict(dataset_means(results))
-    payload["test/per_category"] = wandb.Table(columns=["dataset", "category", *METRIC_KEYS], data=category_rows(results))
+    payload["test/per_category"] = wandb.Table(
+        columns=["dataset", "category", *METRIC_KEYS], data=category_rows(results)
+    )
     metrics_file = run_dir / "metrics.json"
     if metrics_file.is_file():
         groups = group_runs([load_run(metrics_file)])

@@ -46,7 +46,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from zsad import config as C
-from zsad.config import ConfigError, compose, run_name
+from zsad.config import ConfigError, compose, load_yaml, run_name
 
 log = logging.getLogger("zsad.bench")
 SPEC_KEYS = {
@@ -143,16 +143,9 @@ def resolve_path(p: str | Path, what: str) -> Path:
 
 
 def _read_raw(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    if not path.is_file():
-        raise ConfigError(f"bench spec not found: {path}")
     if path.resolve() in seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as e:  # noqa: BLE001 — yaml errors come in many types
-        raise ConfigError(f"cannot parse bench spec {path}: {e}") from e
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: a bench spec is a mapping (name, methods, protocols, seeds …)")
+    raw = load_yaml(path)
     unknown = set(raw.keys()) - SPEC_KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; expected some of {sorted(SPEC_KEYS)}")

@@ -470,8 +470,9 @@ def _data_text(run: Run) -> str:
     train_on = run.data.get("train_on") or train.get("name") or "?"
     targets = ", ".join(f"`{d.get('name', '?')}`" for d in tests) or ", ".join(f"`{d}`" for d in run.datasets)
     roots = {str(Path(d["root"]).parent) for d in [train, *tests] if d.get("root")}
-    if any(not d.get("root") for d in [train, *tests]) and cfg.get("synthetic_root"):
-        roots.add(f"generated under {cfg['synthetic_root']}")
+    synth = cfg.get("synthetic") or {}
+    if any(not d.get("root") for d in [train, *tests]) and synth.get("root"):
+        roots.add(f"generated under {synth['root']} (seed {synth.get('seed', 0)}, {synth.get('size', '?')} px)")
     where = f" (data: {', '.join(sorted(roots))})" if roots else ""
     return f"train on `{train_on}` → test on {targets}{where}"
 

@@ -83,10 +83,6 @@ def bench_overrides(method: str, tiny: bool, image_size: int | None) -> list[str
 
     if tiny:
         over = tiny_overrides(method)
-        if method == "mpama":
-            # The tiny taps 1-4 start before dpam_start=2; the MoE layers must be V-V blocks (paper: taps 6-24 from
-            # dpam_start 6). Harmless once the registry's tiny preset sets it itself.
-            over.append("method.moe_layers=[2,3,4]")
     elif method == "ava_dino":
         over = ["method.vision.pretrained=none", "method.text.pretrained=none"]
     else:

@@ -6,7 +6,8 @@ neighbourhood. AnomalyCLIP itself is the one-level case (kernel 1, no pooling) w
 the global embedding.
 
 Per tap l and level p: S^{l,p} = softmax_c(⟨F^{l,p}_i, t_c^p⟩ / T), c ∈ {normal, anomalous}.
-Loss: Σ_l Σ_p [Focal(S^{l,p}, G) + Dice(S_a^{l,p}, G) + Dice(S_n^{l,p}, 1−G)] + CE(⟨g, t^G⟩ / T, y).
+Loss: λ · Σ_l Σ_p [Focal(S^{l,p}, G) + Dice(S_a^{l,p}, G) + Dice(S_n^{l,p}, 1−G)] + CE(⟨g, t^G⟩ / T, y), with
+λ = ``seg_weight`` (1 in the spec; the public AnomalyCLIP code uses 4).
 Test map: mean_{l,p} (S_a + 1 − S_n)/2, bilinear to the input size, Gaussian σ on the device.
 """
 
@@ -55,6 +56,9 @@ class AnomalyCLIPConfig(MethodConfig):
     deep_len: int = 4
     temperature: float = 0.07
     both_dice: bool = True  # Dice(S_n, 1 − G) besides Dice(S_a, G)
+    # Weight of the summed segmentation terms against the image CE. The spec's formula has none (1.0); the public
+    # AnomalyCLIP train.py (commit 76b83e1) multiplies them by ``lam = 4`` before adding the CE.
+    seg_weight: float = 1.0
 
 
 class AnomalyCLIP(ZSADMethod):
@@ -98,6 +102,8 @@ class AnomalyCLIP(ZSADMethod):
             raise ValueError(f"method.score_rule: {self.cfg.score_rule!r}; expected one of {SCORE_RULES}")
         if not self.cfg.taps:
             raise ValueError("method.taps: at least one block must be tapped")
+        if float(self.cfg.seg_weight) < 0:
+            raise ValueError(f"method.seg_weight: must be ≥ 0, got {self.cfg.seg_weight}")
 
     def kernels(self) -> list[int]:
         """Pooling kernel of each perception level (AnomalyCLIP: one level, no pooling)."""
@@ -216,7 +222,8 @@ class AnomalyCLIP(ZSADMethod):
         # Focal is a pixel mean and Dice a per-map mean, so one batched call × (L·P) is exactly Σ_l Σ_p.
         seg = segmentation_loss(maps, targets, both_dice=bool(self.cfg.both_dice)) * (n_taps * n_levels)
         ce = F.cross_entropy(output.loss_inputs["logits"], batch.label.long())
-        return {"loss": seg + ce, "seg": seg.detach(), "ce": ce.detach()}
+        total = float(self.cfg.seg_weight) * seg + ce
+        return {"loss": total, "seg": seg.detach(), "ce": ce.detach()}
 
     def identity(self) -> dict[str, Any]:
         return {**self.clip.identity(), "image_size": self.input_size}

@@ -222,20 +222,24 @@ class AvaDinoHeads(nn.Module):
             ``cm`` [B, L, N, 2] (100 · p̂ Tᵀ), ``aacm`` [B, L, N] (10 · p̂ · ĉ', only when asked), ``global``
             [B, L, 2] (100 · ĉ' Tᵀ), ``routing`` [B, L, 2].
         """
-        p_std = standardise(patches)
+        # fp32 whatever autocast is active: bf16 logits of scale 100 are quantised in steps of 0.5 and would
+        # turn the maps into ties (DESIGN: precision). Only the frozen backbones may run in bf16.
+        with torch.autocast(device_type=patches.device.type, enabled=False):
+            return self._logits(standardise(patches), cls.float(), text.float(), aacm)
+
+    def _logits(self, p_std: Tensor, cls: Tensor, text: Tensor, aacm: bool) -> dict[str, Tensor]:
         w = self.route(cls, text)
-        protos = self.prototypes(text).float()  # [B, 2, D]
+        protos = self.prototypes(text)  # [B, 2, D]
         cm, aa, glob = [], [], []
         for tap in range(self.n_taps):
             k = tap if len(self.patch_adapters) > 1 else 0
-            p_hat = self.fuse(p_std[:, tap], self.patch_adapters[k], w[:, tap]).float()
-            c = cls[:, tap].float()
+            p_hat = self.fuse(p_std[:, tap], self.patch_adapters[k], w[:, tap])
+            c = cls[:, tap]
             c_hat = (
                 self.fuse(c, self.cls_adapters[k], w[:, tap])
                 if self.cls_adapters is not None
                 else F.normalize(c, dim=-1)
             )
-            c_hat = c_hat.float()
             cm.append(CM_SCALE * p_hat @ protos.transpose(1, 2))
             glob.append(CM_SCALE * torch.einsum("bd,bcd->bc", c_hat, protos))
             if aacm:
@@ -351,9 +355,10 @@ class AvaDino(ZSADMethod):
     def identity(self) -> dict[str, Any]:
         return {"vision": self.vision.identity(), "text": self.text.identity(), "taps": list(self.taps)}
 
-    def log_stats(self, output: AnomalyOutput) -> dict[str, float]:
+    def log_stats(self, output: AnomalyOutput) -> dict[str, Tensor]:
+        """Mean anomalous routing weight of the batch, a 0-dim device tensor (no host sync here)."""
         w = output.extras.get("routing_weights")
-        return {} if w is None else {"routing_w_anomalous": float(w[..., 1].float().mean())}
+        return {} if w is None else {"routing_w_anomalous": w[..., 1].float().mean()}
 
 
 def _to_maps(logits: Tensor, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:

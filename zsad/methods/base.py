@@ -65,7 +65,9 @@ class ZSADMethod(nn.Module):
     def set_stage(self, name: str) -> None:
         """Select what trains in stage ``name``. Default: every non-frozen parameter."""
         if name not in [s.name for s in self.stages()]:
-            raise ValueError(f"{type(self).__name__} has no stage {name!r}; stages: {[s.name for s in self.stages()]}")
+            raise ValueError(
+                f"{type(self).__name__} has no stage {name!r}; stages: {[s.name for s in self.stages()]}"
+            )
         self.stage = name
         for p in self.trainable_candidates():
             p.requires_grad_(True)
@@ -101,7 +103,9 @@ class ZSADMethod(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(prefixes)]
         if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(
+                f"checkpoint does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}"
+            )
 
     def log_stats(self, output: AnomalyOutput) -> dict[str, float]:
         """Scalars to log each training step besides the loss terms (routing shares …). Default none."""

@@ -36,8 +36,13 @@ def build_method(cfg):  # noqa: ANN001, ANN201 — cfg is the method's DictConfi
 # The tiny presets have 4 blocks: taps 1-4 (the paper's 6/12/18/24 of 24 blocks, scaled).
 _TINY_CLIP = ["method.clip.name=tiny", "method.clip.pretrained=none", "method.taps=[1,2,3,4]"]
 TINY_OVERRIDES: dict[str, list[str]] = {
-    "ava_dino": ["method.vision.name=tiny", "method.vision.pretrained=none", "method.text.name=tiny",
-                 "method.text.pretrained=none", "method.taps=[1,2,3,4]"],
+    "ava_dino": [
+        "method.vision.name=tiny",
+        "method.vision.pretrained=none",
+        "method.text.name=tiny",
+        "method.text.pretrained=none",
+        "method.taps=[1,2,3,4]",
+    ],
     "anomalyclip": [*_TINY_CLIP, "method.dpam_start=1"],
     "mpa": [*_TINY_CLIP, "method.dpam_start=1"],
     "mpama": [*_TINY_CLIP, "method.dpam_start=1"],

@@ -115,9 +115,22 @@ class EnsembleTextCache:
         new = sorted({name for name in class_names if name not in self.features})
         if new:
             # Outside inference mode: features cached during a test loop must stay usable in a training graph.
-            with torch.inference_mode(False), torch.no_grad():
+            # Autocast off: the cache must hold the same fp32 features whichever loop (bf16 or not) filled it.
+            with (
+                torch.inference_mode(False),
+                torch.no_grad(),
+                torch.autocast(device_type=_autocast_type(encoder), enabled=False),
+            ):
                 self._encode(new, encoder)
-        return torch.stack([self.features[name] for name in class_names]).to(device)
+        feats = [self._on(name, device) for name in class_names]
+        return torch.stack(feats)
+
+    def _on(self, name: str, device: torch.device) -> Tensor:
+        """The cached pair of ``name`` on ``device``, moved there once (no host-to-device copy per step)."""
+        pair = self.features[name]
+        if pair.device != torch.device(device):
+            pair = self.features[name] = pair.to(device)
+        return pair
 
     def clear(self) -> None:
         self.features.clear()
@@ -140,6 +153,11 @@ class EnsembleTextCache:
         pairs = F.normalize(means, dim=-1).view(len(names), 2, -1)
         for name, pair in zip(names, pairs):
             self.features[name] = pair
+
+
+def _autocast_type(encoder: object) -> str:
+    device = _device_of(encoder)
+    return "cpu" if device is None else device.type
 
 
 def _device_of(encoder: object) -> torch.device | None:

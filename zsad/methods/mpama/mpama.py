@@ -3,7 +3,7 @@
 Placement ``slot`` (default): at each MoE block l of the DPAM V-V path the MoE fills the MLP slot that the V-V
 path skips: x ← x + VVAttn(LN1(x_ori)) + Σ_{e ∈ top-k} g_e(u) E_e(u), u = LN2_l(x), patch tokens only (CLS
 untouched); it enters through the backbone's ``vv_mlp`` callback. Placement ``after``: the MoE acts on each tapped,
-projected token f' = f + Σ g_e E_e(f) (no frozen expert there: the block MLP lives in the width, not the joint
+projected token f' = normalise(f + Σ g_e E_e(f)) (no frozen expert there: the block MLP lives in the width, not the joint
 space).
 
 Stages: ``mpa`` trains the prompts only (no MoE in the forward); ``moe`` freezes the prompts, whose text features
@@ -55,6 +55,7 @@ class MPAMAConfig(MPAConfig):
     z_loss_weight: float = 0.0  # router z-loss weight (the spec's optional 1e-3)
     moe_placement: str = "slot"  # slot (MLP slot of the V-V path) | after (on the projected tapped tokens)
     moe_layers: list[int] | None = None  # 1-based blocks with a MoE (slot placement); null = the taps
+    frozen_dispatch: str = "gather"  # gather (routed tokens only, one host sync per layer) | dense (sync-free)
     joint: bool = False  # one stage `joint` training prompts and MoE together (ablation)
 
 
@@ -79,6 +80,7 @@ class MPAMA(MPA):
             zero_expert=bool(cfg.use_zero_expert),
             frozen_expert=bool(cfg.use_frozen_expert),
             noisy=bool(cfg.router_noise),
+            frozen_dispatch=str(cfg.frozen_dispatch),
         )
         self._moe_pos = {block: i for i, block in enumerate(self.moe_blocks)}
         # Text features of the frozen prompts (stage moe); rebuilt from the prompts, so not saved.
@@ -184,7 +186,8 @@ class MPAMA(MPA):
         for pos, f in enumerate(tokens):
             delta, routing = self.moe(pos, f.flatten(0, 1))
             records.append(routing)
-            out.append(f + delta.view_as(f))  # renormalised by the level pooling
+            # F^l must be unit tokens before the levels average them (pool_level renormalises only after).
+            out.append(F.normalize(f + delta.view_as(f), dim=-1))
         return out
 
     # --- routing statistics and loss -------------------------------------------------------------------------------
