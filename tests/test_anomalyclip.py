@@ -215,3 +215,26 @@ def test_head_stays_float32_under_bf16_autocast():
         terms = model.loss(out, batch)
     assert out.anomaly_map.dtype == torch.float32 and out.image_score.dtype == torch.float32
     assert out.loss_inputs["probs"].dtype == torch.float32 and terms["loss"].dtype == torch.float32
+
+
+def test_seg_weight_scales_only_the_segmentation_terms():
+    batch = tiny_batch()
+    plain, weighted = tiny_model().train(), tiny_model(seg_weight=4.0).train()
+    torch.manual_seed(3)
+    t1 = plain.loss(plain(batch.image, batch), batch)
+    t4 = weighted.loss(weighted(batch.image, batch), batch)
+    assert torch.allclose(t1["seg"], t4["seg"]) and torch.allclose(t1["ce"], t4["ce"])
+    assert torch.allclose(t4["loss"], 4.0 * t4["seg"] + t4["ce"], atol=1e-5)
+    with pytest.raises(ValueError, match="method.seg_weight"):
+        tiny_model(seg_weight=-1.0)
+
+
+def test_test_map_is_scipy_gaussian_sigma_4_of_the_raw_map():
+    from scipy.ndimage import gaussian_filter
+
+    batch = tiny_batch()
+    with torch.no_grad():
+        raw = tiny_model().eval()(batch.image, batch).anomaly_map
+        smooth = tiny_model(smoothing_sigma=4.0).eval()(batch.image, batch).anomaly_map
+    ref = np.stack([gaussian_filter(m, sigma=4) for m in raw.numpy()])
+    assert smooth.dtype == torch.float32 and np.abs(smooth.numpy() - ref).max() < 1e-5

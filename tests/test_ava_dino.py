@@ -429,7 +429,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
         opt.step()
         if sched is not None:
             sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.05
 
 

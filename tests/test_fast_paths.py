@@ -231,3 +231,18 @@ def test_datamodule_with_cache_gives_the_same_batches(mvtec_like, tmp_path):
     for a, b in zip(plain, cached):
         assert torch.equal(a.image, b.image) and torch.equal(a.mask, b.mask) and a.path == b.path
     assert collate([ZSADDataset(read("folder", mvtec_like), 28, MEAN, STD)[0]]).image.shape == (1, 3, 28, 28)
+
+
+# --- EntroAD two-level entropy without a host sync ------------------------------------------------------------
+
+
+def test_two_level_entropy_without_module_count_sync_equals_explicit_partition():
+    from zsad.methods.entroad.entropy import _EPS, _symmetrise, kmeans_modules, two_level_entropy
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2, 12, 12, generator=g).pow(4)
+    p = p / p.sum(-1, keepdim=True)
+    w, d = _symmetrise(p)
+    for k in (3, 8, 30):  # 30 > N: k-means is clamped to N modules, some possibly empty
+        modules = kmeans_modules(w / d.unsqueeze(-1).clamp_min(_EPS), k, 5)
+        torch.testing.assert_close(two_level_entropy(p, k, 5), two_level_entropy(p, modules=modules))

@@ -223,6 +223,43 @@ def test_frozen_expert_equals_the_block_mlp():
     )  # other experts start at zero (Up = 0)
 
 
+def test_dense_frozen_dispatch_equals_the_gather():
+    """The sync-free dense dispatch (frozen MLP on every token × its gate) gives the gather's output and grads."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    results = []
+    for dispatch in ("gather", "dense"):
+        torch.manual_seed(1)
+        moe = TokenMoE(
+            dim=8, n_layers=1, n_learnable=2, hidden=4, scale=0.1, top_k=2, frozen_dispatch=dispatch
+        )
+        with torch.no_grad():
+            moe.experts.up.normal_()
+        u = torch.randn(64, 8, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        out, r = moe.eval()(0, u, mlp)
+        (out * torch.linspace(-1, 1, 8)).sum().backward()
+        results.append((out.detach(), r.mask, u.grad, moe.routers[0].w_gate.weight.grad))
+    (o1, m1, gu1, gw1), (o2, m2, gu2, gw2) = results
+    assert torch.equal(m1, m2) and 0 < int(m1[:, 1].sum()) < 64  # some, not all, tokens use the frozen expert
+    assert torch.allclose(o1, o2, atol=1e-6)
+    assert torch.allclose(gu1, gu2, atol=1e-6) and torch.allclose(gw1, gw2, atol=1e-6)
+    with pytest.raises(ValueError, match="method.frozen_dispatch"):
+        TokenMoE(dim=8, n_layers=1, n_learnable=1, hidden=4, scale=0.1, top_k=1, frozen_dispatch="sparse")
+
+
+def test_dense_dispatch_model_matches_gather_in_the_slot():
+    batch = tiny_batch()
+    outs = []
+    for dispatch in ("gather", "dense"):
+        model = tiny_mpama(frozen_dispatch=dispatch)
+        model.on_stage_end("mpa")
+        model.set_stage("moe")
+        with torch.no_grad():
+            outs.append(model.eval()(batch.image, batch))
+    assert torch.allclose(outs[0].anomaly_map, outs[1].anomaly_map, atol=1e-5)
+    assert torch.equal(outs[0].extras["expert_share"], outs[1].extras["expert_share"])
+
+
 def test_balance_is_one_under_uniform_routing_and_grows_under_collapse():
     moe = TokenMoE(dim=8, n_layers=2, n_learnable=4, hidden=4, scale=0.1, top_k=2, frozen_expert=False).eval()
     u = torch.randn(64, 8)
@@ -339,6 +376,43 @@ def test_after_placement_routes_projected_tokens():
         tiny_mpama(moe_placement="after")
 
 
+def test_after_placement_tokens_are_unit_before_pooling():
+    """F^l = normalise(f + MoE(f)): the levels average unit tokens, as for the plain V-V tokens."""
+    model = tiny_mpama(moe_placement="after", use_frozen_expert=False, kernels=[3])
+    model.on_stage_end("mpa")
+    model.set_stage("moe")
+    with torch.no_grad():
+        model.moe.experts.up.normal_()  # a non-trivial adapter (Up starts at zero)
+    batch = tiny_batch()
+    model.eval()
+    with torch.no_grad():
+        feats = model.clip.visual(batch.image, taps=(2, 3, 4), dpam_start=2)
+        records: list = []
+        tokens = model.tap_tokens(feats, records)
+        out = model(batch.image, batch)
+    assert len(records) == 3
+    for f, f_new in zip(feats.patch_tokens, tokens):
+        assert torch.allclose(f_new.norm(dim=-1), torch.ones(f_new.shape[:2]), atol=1e-5)
+        assert not torch.allclose(f_new, f, atol=1e-3)
+    text = model.prompts(model.clip.text)
+    for t, z in enumerate(tokens):
+        pooled = pool_level(z.transpose(1, 2).reshape(2, -1, 4, 4), 3)
+        s = torch.softmax(torch.einsum("bdhw,cd->bchw", pooled, text[0]) / 0.07, dim=1)
+        assert torch.allclose(out.loss_inputs["probs"][:, t, 0], s, atol=1e-5)
+
+
+def test_stage_two_head_stays_float32_under_bf16_autocast():
+    model = tiny_mpama()
+    model.on_stage_end("mpa")
+    model.set_stage("moe")
+    batch = tiny_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.train()(batch.image, batch)
+        terms = model.loss(out, batch)
+    assert out.anomaly_map.dtype == torch.float32 and out.loss_inputs["probs"].dtype == torch.float32
+    assert terms["loss"].dtype == torch.float32 and out.extras["expert_share"].dtype == torch.float32
+
+
 def test_bad_moe_layers_are_rejected():
     with pytest.raises(ValueError, match="method.moe_layers"):
         tiny_mpama(moe_layers=[1])  # before dpam_start: no V-V path there
@@ -361,7 +435,14 @@ def test_eval_text_cache_after_stage_one(monkeypatch):
 # --- configs: every YAML composes and builds ----------------------------------------------------------------------
 
 ABLATIONS = {
-    "mpa": ["mpa_levels1", "mpa_levels2", "mpa_levels4", "mpa_no_bridge", "mpa_bridge_score"],
+    "mpa": [
+        "mpa_levels1",
+        "mpa_levels2",
+        "mpa_levels4",
+        "mpa_kernels_wide",
+        "mpa_no_bridge",
+        "mpa_bridge_score",
+    ],
     "mpama": [
         "mpama_experts1",
         "mpama_experts2",
@@ -372,6 +453,8 @@ ABLATIONS = {
         "mpama_alpha0",
         "mpama_after_extraction",
         "mpama_joint",
+        "mpama_zloss",
+        "mpama_no_router_noise",
     ],
 }
 TINY_OVERRIDES = [

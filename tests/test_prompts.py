@@ -131,7 +131,7 @@ def test_context_and_deep_tokens_start_as_normal_0_002():
     wide = build_clip("tiny", vision=False).text
     learner = PromptLearner(wide, n_sets=8)  # 8·2·12·64 context values, 2·4·64 deep values
     for p, tol in ((learner.ctx, 0.001), (learner.deep, 0.003)):
-        assert abs(float(p.std()) - 0.02) < tol and abs(float(p.mean())) < tol
+        assert abs(float(p.detach().std()) - 0.02) < tol and abs(float(p.detach().mean())) < tol
 
 
 @torch.no_grad()
@@ -155,8 +155,6 @@ def test_deep_prompts_follow_anomalyclip_semantics(text):
     ref = tower.ln_final(x)[torch.arange(4), eot] @ tower.text_projection
     ref = ref / ref.norm(dim=-1, keepdim=True)
     torch.testing.assert_close(feats.flatten(0, 1), ref, atol=1e-5, rtol=1e-4)
-    # the first n_deep context vectors are read by layer 0 only, the later ones by every layer
-    moved = learner.ctx.clone()
-    moved[:, :, :4] += 1.0
-    learner.ctx.copy_(moved)
+    # the first n_deep context vectors still matter: layer 0 reads them (random moves: LayerNorm hides constants)
+    learner.ctx[:, :, :4] += torch.randn(2, 2, 4, text.width, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(learner(text), feats, atol=1e-4)

@@ -70,7 +70,9 @@ class ZSADModule(L.LightningModule):
         for key, value in losses.items():
             self.log(f"train/{self.stage_name}/{key}", value.detach(), batch_size=n, prog_bar=key == "loss")
         for key, value in self.model.log_stats(out).items():
-            self.log(f"train/{self.stage_name}/{key}", float(value), batch_size=n)
+            # tensors stay on the device: no host sync per step
+            value = value.detach() if torch.is_tensor(value) else float(value)
+            self.log(f"train/{self.stage_name}/{key}", value, batch_size=n)
         return losses["loss"]
 
     def test_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:

@@ -66,7 +66,9 @@ def _default_root(cfg: DictConfig, name: str) -> Path:
 
     if name in synthetic.DOMAINS:
         s = cfg.data.synthetic
-        root = synthetic.ensure_synthetic(Path(s.root), seed=s.seed, size=s.size, n_test=s.n_test, n_train=s.n_train)
+        root = synthetic.ensure_synthetic(
+            Path(s.root), seed=s.seed, size=s.size, n_test=s.n_test, n_train=s.n_train
+        )
         return root / synthetic.DOMAINS[name]
     raise C.ConfigError(
         f"data: dataset {name!r} has no root; set its `root:` (or the ZSAD_DATA layout in the protocol YAML)"
@@ -122,6 +124,12 @@ def make_trainer(
     )
 
 
+def _fast_matmul() -> None:
+    """TF32 for the float32 heads and maps on Ampere+ GPUs (the frozen backbones run in bf16 under autocast)."""
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")
+
+
 def train(cfg: DictConfig, test_after: bool = True, resume: bool = True) -> Path:
     """Run every stage of the method for its fixed epochs, save a checkpoint per stage, then test the last state.
 
@@ -129,6 +137,7 @@ def train(cfg: DictConfig, test_after: bool = True, resume: bool = True) -> Path
     checkpoint continues from it (optimizer and epoch included).
     """
     L.seed_everything(int(cfg.seed), workers=True)
+    _fast_matmul()
     out = run_dir(cfg)
     C.save(cfg, out / "config.yaml")
     module = ZSADModule(cfg, cache_dir=Path(cfg.out_dir) / ".cache")
@@ -170,6 +179,7 @@ def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, log
     from zsad.metrics import Evaluator
 
     out = run_dir(cfg)
+    _fast_matmul()
     if module is None:
         C.save(cfg, out / "config.yaml")
         # Seed before building: with `pretrained: none` the random frozen backbone must equal the training one.

@@ -50,6 +50,9 @@ TARGETS = {
     "metrics_visa_s": 10.0,
     "mfu_backbone": 0.5,
 }
+# CPU input sides of the tiny presets: the smallest multiples of the patch (14 CLIP, 16 DINOv3) with a 4×4 grid.
+CPU_SIZES = {"ava_dino": 64}
+CPU_SIZE = 56
 # Size of EntroAD's random memory on the GPU: MVTec AD's test set, the auxiliary set of the paper's VisA protocol.
 ENTROAD_MEMORY_IMAGES = 1725
 
@@ -60,7 +63,7 @@ class Settings:
 
     device: str
     tiny: bool
-    image_size: int | None  # None: the method's paper size
+    image_size: int | None  # None: the method's paper size (on the CPU: CPU_SIZES)
     infer_batch: int
     train_batch: int | None  # None: the method's configured (paper) batch size
     steps: int
@@ -450,7 +453,8 @@ def measure_model(model: nn.Module, method: str, s: Settings, train_batch: int) 
 def measure_method(method: str, s: Settings) -> dict:
     """Build ``method`` (random weights at paper size, or tiny) and measure it."""
     torch.manual_seed(0)
-    model, cfg = build_model(method, s.tiny, s.image_size)
+    size = s.image_size or (CPU_SIZES.get(method, CPU_SIZE) if s.device == "cpu" else None)
+    model, cfg = build_model(method, s.tiny, size)
     if method == "entroad":
         fill_random_memory(model, s.memory_images)
     train_batch = s.train_batch or int(cfg.method.batch_size)
@@ -642,7 +646,7 @@ def _settings(args: argparse.Namespace, gpu: bool) -> Settings:
     return Settings(
         device="cuda" if gpu else "cpu",
         tiny=tiny,
-        image_size=args.image_size or (None if gpu else 112),
+        image_size=args.image_size,
         infer_batch=args.batch if gpu else min(args.batch, 2),
         train_batch=args.train_batch if gpu else min(args.train_batch or 2, 2),
         steps=args.steps if gpu else 1,
@@ -667,7 +671,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps per measurement")
     p.add_argument("--cpu", action="store_true", help="force the CPU (tiny presets, small batches)")
     p.add_argument("--tiny", action="store_true", help="tiny presets on the GPU too (a quick check)")
-    p.add_argument("--image-size", type=int, default=None, help="input side (default: paper size; CPU: 112)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="input side (default: paper size; CPU: 56/64)"
+    )
     p.add_argument("--fp32", action="store_true", help="no bf16 autocast on GPU")
     p.add_argument(
         "--compile", action="store_true", help="also measure the vision forward under torch.compile"

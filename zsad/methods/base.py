@@ -107,7 +107,7 @@ class ZSADMethod(nn.Module):
                 f"checkpoint does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}"
             )
 
-    def log_stats(self, output: AnomalyOutput) -> dict[str, float]:
+    def log_stats(self, output: AnomalyOutput) -> dict[str, Tensor | float]:
         """Scalars to log each training step besides the loss terms (routing shares …). Default none."""
         return {}
 

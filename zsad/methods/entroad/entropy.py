@@ -93,7 +93,10 @@ def two_level_entropy(p: Tensor, k: int = 8, iters: int = 5, modules: Tensor | N
     w, d = _symmetrise(p)
     if modules is None:
         modules = kmeans_modules(w / d.unsqueeze(-1).clamp_min(_EPS), k, iters)
-    n_mod = int(modules.max()) + 1
+        # k-means yields at most this many modules: no host sync to count them (an empty one is never gathered).
+        n_mod = max(1, min(k, p.shape[-1]))
+    else:
+        n_mod = int(modules.max()) + 1
     one_hot = torch.nn.functional.one_hot(modules, n_mod).to(w.dtype)  # [B, N, K]
     vol_g = d.sum(-1, keepdim=True).clamp_min(_EPS)  # [B, 1]
     vol_m = (one_hot * d.unsqueeze(-1)).sum(1)  # [B, K]

@@ -55,7 +55,9 @@ class MPAMAConfig(MPAConfig):
     z_loss_weight: float = 0.0  # router z-loss weight (the spec's optional 1e-3)
     moe_placement: str = "slot"  # slot (MLP slot of the V-V path) | after (on the projected tapped tokens)
     moe_layers: list[int] | None = None  # 1-based blocks with a MoE (slot placement); null = the taps
-    frozen_dispatch: str = "gather"  # gather (routed tokens only, one host sync per layer) | dense (sync-free)
+    frozen_dispatch: str = (
+        "gather"  # gather (routed tokens only, one host sync per layer) | dense (sync-free)
+    )
     joint: bool = False  # one stage `joint` training prompts and MoE together (ablation)
 
 
