@@ -296,6 +296,9 @@ def test_model_loss_adds_alpha_times_balance():
     assert set(stats) == {
         f"share/l{b}/{e}" for b in (2, 3, 4) for e in ["zero", "frozen", "l0", "l1", "l2", "l3"]
     }
+    # device tensors (no host sync per step) holding the table's entries: layer block 3, expert "frozen"
+    assert all(torch.is_tensor(v) and v.dim() == 0 for v in stats.values())
+    assert torch.equal(stats["share/l3/frozen"], out.extras["expert_share"][1, 1])
 
 
 # --- MPAMA stages --------------------------------------------------------------------------------------------------

@@ -256,7 +256,7 @@ def count_flops(model: nn.Module, data: Any, bf16: bool) -> tuple[int, int]:  # 
 
 
 @contextmanager
-def compiled_vision(model: nn.Module, backend: str = "inductor") -> Iterator[nn.Module]:
+def compiled_vision(model: nn.Module, backend: str | Callable = "inductor") -> Iterator[nn.Module]:
     """Run the frozen vision tower's forward under ``torch.compile`` inside the block, eager again after it.
 
     Only ``forward`` is replaced (an instance attribute), so module hooks stay outside the compiled graph and the
@@ -383,6 +383,7 @@ def measure_training(model: nn.Module, s: Settings, device: torch.device, batch:
             raise RuntimeError(f"{type(model).__name__} stage {stage.name!r} has no trainable parameters")
 
         def run(b: int, params: list = params, stage: Any = stage) -> dict:  # noqa: ANN401
+            model.zero_grad(set_to_none=True)  # a retry after out-of-memory starts without stale gradients
             opt, _ = build_optimizer(params, stage.optim, 1000)
             data = fake_batch(model.input_size, b, device)
 

@@ -55,9 +55,8 @@ class MPAMAConfig(MPAConfig):
     z_loss_weight: float = 0.0  # router z-loss weight (the spec's optional 1e-3)
     moe_placement: str = "slot"  # slot (MLP slot of the V-V path) | after (on the projected tapped tokens)
     moe_layers: list[int] | None = None  # 1-based blocks with a MoE (slot placement); null = the taps
-    frozen_dispatch: str = (
-        "gather"  # gather (routed tokens only, one host sync per layer) | dense (sync-free)
-    )
+    # Frozen-expert dispatch: gather (routed tokens only, one host sync per layer) | dense (sync-free, same result).
+    frozen_dispatch: str = "gather"
     joint: bool = False  # one stage `joint` training prompts and MoE together (ablation)
 
 
@@ -210,14 +209,16 @@ class MPAMA(MPA):
         terms["z_loss"] = z_loss.detach()
         return terms
 
-    def log_stats(self, output: AnomalyOutput) -> dict[str, float]:
-        """Per-layer expert token shares: ``share/l{block}/{expert}`` (expert ∈ zero, frozen, l0 …)."""
+    def log_stats(self, output: AnomalyOutput) -> dict[str, Tensor | float]:
+        """Per-layer expert token shares: ``share/l{block}/{expert}`` (expert ∈ zero, frozen, l0 …).
+
+        0-d device tensors (views of the [L, E] table): logging them needs no host sync per step.
+        """
         shares = output.extras.get("expert_share")
         if shares is None:
             return {}
-        values = shares.float().cpu().tolist()  # one transfer for the whole table
         return {
-            f"share/l{block}/{name}": values[i][e]
+            f"share/l{block}/{name}": shares[i, e]
             for i, block in enumerate(self.moe_blocks)
             for e, name in enumerate(self.moe.names)
         }
