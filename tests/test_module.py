@@ -152,3 +152,21 @@ def test_predict_writes_overlays(cfg_factory, tmp_path):
     assert sorted(p.name for p in written) == [f"part{i}_heatmap.png" for i in range(3)]
     assert Image.open(written[0]).size == (64, 32)  # image | overlay at the method's input size
     assert (tmp_path / "ov" / "scores.csv").read_text().count("\n") == 4
+
+
+def test_resized_cache_gives_the_same_metrics(cfg_factory, tmp_path):
+    from zsad.run import test, train
+
+    out = train(cfg_factory(), test_after=False)
+    ckpt = out / "checkpoints" / "second.ckpt"
+    plain = test(cfg_factory(f"checkpoint={ckpt}", "run_name=plain"))
+    cached = test(
+        cfg_factory(
+            f"checkpoint={ckpt}",
+            "run_name=cached",
+            "data.cache_resized=true",
+            f"data.cache_dir={tmp_path / 'c'}",
+        )
+    )
+    assert any((tmp_path / "c").iterdir())
+    assert plain["datasets"] == cached["datasets"]

@@ -97,6 +97,10 @@ class DataConfig:
     num_workers: int = 0
     pin_memory: bool = True
     persistent_workers: bool = True
+    cache_resized: bool = (
+        False  # decode + resize every image once into .npy memmaps (fast epochs on big images)
+    )
+    cache_dir: str = ".cache/resized"
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig())
 
 

@@ -57,6 +57,7 @@ def build_datamodule(cfg: DictConfig, module: ZSADModule, with_train: bool = Tru
         pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
         persistent_workers=bool(cfg.data.persistent_workers),
         seed=int(cfg.seed),
+        cache_dir=cfg.data.cache_dir if cfg.data.cache_resized else None,
     )
 
 

@@ -19,8 +19,8 @@ class VisionFeatures:
         grid: (gh, gw) patch grid.
         pre_proj_tokens: one [B, N, width] tensor per tap: CLIP V-V tokens after ``ln_post``, before ``proj``
             (EntroAD's memory keys read these). ``None`` unless asked for.
-        attentions: one [B, heads, 1+N, 1+N] original-path attention-probability tensor per tap (CLIP), only when
-            asked for; otherwise ``None``.
+        attentions: one original-path attention-probability tensor per tap (CLIP), only when asked for:
+            [B, heads, 1+N, 1+N], or the head mean [B, 1+N, 1+N] with ``attn_reduce="mean_heads"``; else ``None``.
         register_tokens: DINOv3 register tokens per tap [B, R, C], or ``None``.
     """
 
