@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,12 @@ from zsad.metrics import (
     pixel_metrics,
 )
 
-VECTORS = Path("/work/shared/testvectors/metrics")
-if not VECTORS.is_dir():  # the reference vectors live beside the repository, not in it
-    pytest.skip(f"reference test vectors not found at {VECTORS}", allow_module_level=True)
+# The reference vectors live beside the repository (../shared/testvectors), not in it; ZSAD_TESTVECTORS overrides.
+VECTORS = Path(
+    os.environ.get("ZSAD_TESTVECTORS", Path(__file__).resolve().parents[2] / "shared" / "testvectors" / "metrics")
+)
+if not (VECTORS / "expected.json").is_file():  # a missing reference is a failure, never a silent skip
+    raise FileNotFoundError(f"metric reference vectors not found at {VECTORS}; set ZSAD_TESTVECTORS to their folder")
 EXPECTED = json.loads((VECTORS / "expected.json").read_text())
 DETAILS = json.loads((VECTORS / "details.json").read_text())
 KEY_MAP = {"aupro_mvtec_0.3": "pixel_aupro", "aupro_zsad_legacy": "pixel_aupro_legacy"}
