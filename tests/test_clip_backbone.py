@@ -182,6 +182,19 @@ def test_attention_taps(backbone, reference):
     torch.testing.assert_close(feats.attentions[0], weights, atol=1e-5, rtol=1e-4)
 
 
+def test_attention_probabilities_are_float32_under_autocast():
+    from zsad.backbones.clip import _attention_probs
+
+    g = torch.Generator().manual_seed(0)
+    q = (4 * torch.randn(1, 2, 9, 16, generator=g)).bfloat16()
+    k = (4 * torch.randn(1, 2, 9, 16, generator=g)).bfloat16()
+    want = torch.softmax((q.double() / 4.0) @ k.double().transpose(-2, -1), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _attention_probs(q, k)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
 def test_pos_embed_interpolated_once_per_size(weights_file):
     vis = build_clip("tiny", str(weights_file), text=False, image_size=70).visual
     with mock.patch("torch.nn.functional.interpolate", wraps=F.interpolate) as spy:

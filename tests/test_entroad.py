@@ -17,6 +17,7 @@ from zsad.config import EXPERIMENTS, compose
 from zsad.methods.base import build_optimizer
 from zsad.methods.entroad import EntroAD, EntroADConfig
 from zsad.methods.entroad.memory import MemoryLeak, path_hash
+from zsad.methods.entroad.routing import neighbour_average
 
 SIZE = 56  # 4 × 4 patches of 14 px
 TINY = {
@@ -260,6 +261,48 @@ def test_gate_switch_and_no_entropy(data, built):
         model.eval()
         with torch.no_grad():
             assert check(model(batch.image, batch).extras)
+
+
+def test_z_is_projected_then_neighbour_averaged_then_normalised(built, data, monkeypatch):
+    model, _ = built
+    batch = _batch(data["target"])
+    vis = model.clip.visual
+    with torch.no_grad():
+        f = vis(batch.image, taps=model.taps, dpam_start=2, pre_proj=True)
+        z = model.patch_embeddings(f.pre_proj_tokens[-1], f.grid)
+        projected = f.pre_proj_tokens[-1] @ vis.vit.proj
+        want = F.normalize(neighbour_average(projected, f.grid, (1, 3, 5)), dim=-1)
+        of_unit = F.normalize(neighbour_average(f.patch_tokens[-1], f.grid, (1, 3, 5)), dim=-1)
+    torch.testing.assert_close(z, want)
+    assert not torch.allclose(z, of_unit, atol=1e-4)  # averaging unit vectors is a different z
+    calls = _count_calls(monkeypatch, model, "patch_embeddings")
+    model.eval()
+    with torch.no_grad():
+        model(batch.image, batch)
+    assert len(calls) == 1  # the branch maps and the routed tokens use this z
+
+
+def test_retrieval_and_z_stay_float32_under_autocast(built, data):
+    model, _ = built
+    batch = _batch(data["target"])
+    model.eval()
+    with torch.no_grad():
+        f = model.clip.visual(batch.image, taps=model.taps, dpam_start=2, pre_proj=True)
+        glob, pre = f.global_embedding, f.pre_proj_tokens[-1]
+        ref = model.retrieve(glob, pre, f.grid), model.patch_embeddings(pre, f.grid)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model.retrieve(glob, pre, f.grid), model.patch_embeddings(pre, f.grid)
+            out = model(batch.image, batch)
+    for a, b in zip((*ref[0], ref[1]), (*got[0], got[1])):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b)
+    assert out.loss_inputs["branch_probs"].dtype == torch.float32
+    assert out.anomaly_map.dtype == torch.float32 and out.extras["entropy_map"].dtype == torch.float32
+
+
+def test_unknown_memory_region_rule_is_a_config_error():
+    with pytest.raises(ValueError, match="method.memory_regions"):
+        _model(memory_regions="soft")
 
 
 # --- configs ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from zsad.methods.entroad.entropy import (
     structural_entropy,
     two_level_entropy,
 )
-from zsad.methods.entroad.memory import mask_pooled_keys
+from zsad.methods.entroad.memory import mask_pooled_keys, patch_regions
 from zsad.methods.entroad.routing import (
     confidence_gate,
     neighbour_average,
@@ -188,3 +188,21 @@ def test_mask_pooled_keys_inside_and_outside_the_mask():
     assert torch.allclose(keys[1], F.normalize(torch.tensor([2.0, 0.0]), dim=0))
     assert torch.allclose(keys[2], F.normalize(torch.tensor([1.0, 1.0]), dim=0))
     assert mask_pooled_keys(tokens, None, grid)[0].shape == (0, 2)
+
+
+def test_pure_regions_leave_defect_border_patches_out():
+    # 4 × 4 pixels on a 2 × 2 grid: each patch value is the mean of its 2 × 2 pixels (bilinear, factor 2).
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[0, 0, :2, :2] = 1.0  # top-left patch fully inside
+    masks[0, 0, :2, 2] = 0.7  # top-right patch half covered (binarised at 0.5 first) → resized value 0.5
+    pure = patch_regions(masks, (2, 2), "pure")
+    thr = patch_regions(masks, (2, 2), "threshold")
+    assert pure.tolist() == [[[False, False, True, True], [True, False, False, False]]]
+    assert thr.tolist() == [[[False, True, True, True], [True, False, False, False]]]
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 4.0]]])
+    keys, values = mask_pooled_keys(tokens, masks > 0.5, (2, 2), rule="pure")
+    # The border patch (token [0, 1]) joins neither key; the normal key is the mean of the bottom row only.
+    assert torch.allclose(values, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.allclose(keys, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match="memory_regions"):
+        patch_regions(masks, (2, 2), "soft")

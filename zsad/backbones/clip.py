@@ -83,9 +83,14 @@ def _mlp_residual(block: nn.Module, x: Tensor) -> Tensor:
 
 
 def _attention_probs(q: Tensor, k: Tensor) -> Tensor:
-    """Softmax probabilities [B, h, T, T] in float32 (entropies of bf16 probabilities are too coarse)."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+    """Softmax probabilities [B, h, T, T] in float32 (entropies of bf16 probabilities are too coarse).
+
+    The scores too are a float32 matmul whatever the autocast: bf16 rounds a logit of 20 to steps of 0.125.
+    Only the tapped blocks materialise probabilities, so this costs little.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        scores = (q.float() * q.shape[-1] ** -0.5) @ k.float().transpose(-2, -1)
+        return torch.softmax(scores, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,12 @@ class EntroADConfig(MethodConfig):
     kernels: list[int] = field(default_factory=lambda: [1, 3, 5])  # neighbour averaging (memory, queries, z)
 
     # --- memory (built from the auxiliary set only) -------------------------------------------------------------
-    mask_threshold: float = 0.5  # GT resized bilinearly to the patch grid, > threshold = inside the defect
+    mask_threshold: float = (
+        0.5  # pixel GT binarised at this value before the bilinear resize to the patch grid
+    )
+    memory_regions: str = (
+        "pure"  # pure (MRAD: resized mask == 1 / == 0, border patches in neither) | threshold
+    )
     memory_batch_size: int = 16
     memory_workers: int = 4
     memory_bf16: bool = True  # bf16 autocast for the memory pass on CUDA (ignored on CPU)

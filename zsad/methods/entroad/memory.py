@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from data_modules.types import Batch, Sample
 from zsad.methods.entroad.routing import neighbour_average
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _BUFFERS = ("image_keys", "image_values", "patch_keys", "patch_values", "source_hash")
 
 
@@ -120,24 +120,52 @@ def cache_key(samples: list[Sample], identity: dict[str, Any], settings: dict[st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+REGION_RULES = ("pure", "threshold")
+_PURE_EPS = 1e-4
+
+
+def patch_regions(masks: Tensor, grid: tuple[int, int], rule: str = "pure", threshold: float = 0.5) -> Tensor:
+    """Boolean {normal, anomalous} patch regions [B, 2, N] of pixel masks [B, 1, H, W].
+
+    The mask is binarised at ``threshold`` and resized bilinearly to the patch grid. ``pure`` (MRAD [C]): a patch is
+    anomalous where the resized mask is 1 and normal where it is 0, so patches on a defect border belong to neither
+    region; ``threshold``: anomalous where the resized mask exceeds ``threshold``, normal elsewhere.
+    """
+    if rule not in REGION_RULES:
+        raise ValueError(
+            f"method.memory_regions: unknown rule {rule!r}; expected one of {', '.join(REGION_RULES)}"
+        )
+    binary = (masks.float() > threshold).float()
+    m = F.interpolate(binary, size=grid, mode="bilinear", align_corners=False).flatten(1)
+    if rule == "pure":
+        return torch.stack([m < _PURE_EPS, m > 1.0 - _PURE_EPS], 1)
+    inside = m > threshold
+    return torch.stack([~inside, inside], 1)
+
+
 def mask_pooled_keys(
-    tokens: Tensor, masks: Tensor | None, grid: tuple[int, int], threshold: float = 0.5
+    tokens: Tensor,
+    masks: Tensor | None,
+    grid: tuple[int, int],
+    threshold: float = 0.5,
+    rule: str = "pure",
 ) -> tuple[Tensor, Tensor]:
     """Per image, the normalised mean token inside the mask (anomalous) and outside it (normal).
 
     Args:
         tokens: [B, N, W] neighbour-averaged tokens.
-        masks: [B, 1, H, W] ground truth (bool/float); resized bilinearly to the grid and thresholded at
-            ``threshold``. ``None`` (image-only set) gives no patch keys.
+        masks: [B, 1, H, W] ground truth (bool/float). ``None`` (image-only set) gives no patch keys.
         grid: (gh, gw).
+        threshold: pixel binarisation threshold (and the patch threshold of the ``threshold`` rule).
+        rule: which patches count as inside / outside (:func:`patch_regions`).
 
     Returns:
-        keys [K, W] and one-hot values [K, 2] for every non-empty region (batched, no per-image loop).
+        keys [K, W] and one-hot values [K, 2] for every non-empty region (batched, no per-image loop; the
+        boolean selection syncs once per memory batch, which is built once, offline).
     """
     if masks is None:
         return tokens.new_zeros(0, tokens.shape[-1]), tokens.new_zeros(0, 2)
-    m = F.interpolate(masks.float(), size=grid, mode="bilinear", align_corners=False).flatten(1) > threshold
-    regions = torch.stack([~m, m], 1).to(tokens.dtype)  # [B, 2, N]: {normal, anomalous}
+    regions = patch_regions(masks, grid, rule, threshold).to(tokens.dtype)  # [B, 2, N]: {normal, anomalous}
     counts = regions.sum(-1)  # [B, 2]
     means = (regions @ tokens) / counts.clamp_min(1).unsqueeze(-1)  # [B, 2, W]
     keep = counts > 0
@@ -156,6 +184,7 @@ def collect_memory(
     kernels: tuple[int, ...],
     threshold: float,
     device: torch.device,
+    rule: str = "pure",
 ) -> MemoryTensors:
     """One no-grad pass over the auxiliary batches.
 
@@ -163,8 +192,9 @@ def collect_memory(
         batches: the auxiliary set as ``Batch`` es (image normalised at the method's input size, mask).
         encode: images → (global embedding [B, D], tap-24 pre-projection tokens [B, N, W], grid).
         kernels: neighbour-averaging kernels.
-        threshold: mask threshold on the grid.
+        threshold: pixel mask threshold (:func:`mask_pooled_keys`).
         device: where the encoder runs.
+        rule: patch region rule (:func:`patch_regions`).
     """
     img_k, img_v, pat_k, pat_v, hashes = [], [], [], [], []
     for batch in batches:
@@ -172,7 +202,7 @@ def collect_memory(
         img_k.append(F.normalize(glob.float(), dim=-1))
         img_v.append(F.one_hot(batch.label.to(device).long(), 2).float())
         mask = None if batch.mask is None else batch.mask.to(device)
-        k, v = mask_pooled_keys(neighbour_average(tokens.float(), grid, kernels), mask, grid, threshold)
+        k, v = mask_pooled_keys(neighbour_average(tokens.float(), grid, kernels), mask, grid, threshold, rule)
         pat_k.append(k)
         pat_v.append(v)
         hashes.extend(path_hash(p) for p in batch.path)

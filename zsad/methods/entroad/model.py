@@ -133,6 +133,7 @@ class EntroAD(ZSADMethod):
             "tap": self.taps[-1],
             "dpam_start": self.cfg.dpam_start,
             "mask_threshold": float(self.cfg.mask_threshold),
+            "memory_regions": str(self.cfg.memory_regions),
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
@@ -164,6 +165,7 @@ class EntroAD(ZSADMethod):
                 self.kernels,
                 float(self.cfg.mask_threshold),
                 device,
+                str(self.cfg.memory_regions),
             )
             M.save_cached(path, key, mem)
         else:
@@ -238,6 +240,13 @@ class EntroAD(ZSADMethod):
         Similarity dropout applies in both training stages: the training images are in the memory, so without it
         stage 2 would route on near-perfect self-retrieved ``p`` that a target image never gets.
         """
+        with torch.autocast(global_embedding.device.type, enabled=False):
+            # float32 whatever the autocast: bf16 cosines tie at the dropout quantile and coarsen the map.
+            return self._retrieve_fp32(global_embedding, pre_proj, grid)
+
+    def _retrieve_fp32(
+        self, global_embedding: Tensor, pre_proj: Tensor, grid: tuple[int, int]
+    ) -> tuple[Tensor, Tensor]:
         mem, r = self.memory, self.retrieval
         dropout = self.training and bool(self.cfg.sim_dropout)
         q_img = F.normalize(global_embedding.float(), dim=-1)
@@ -268,6 +277,16 @@ class EntroAD(ZSADMethod):
             attentions, self.cfg.entropy, int(self.cfg.two_level_k), int(self.cfg.two_level_iters)
         )
 
+    def patch_embeddings(self, pre_proj: Tensor, grid: tuple[int, int]) -> Tensor:
+        """z [B, N, D] (float32): tap-24 ``ln_post`` tokens projected, neighbour-averaged, then normalised.
+
+        As MRAD: the projected tokens are averaged before any normalisation (averaging unit vectors would weight
+        the neighbours differently).
+        """
+        with torch.autocast(pre_proj.device.type, enabled=False):
+            projected = pre_proj.float() @ self.clip.visual.vit.proj.float()
+            return F.normalize(neighbour_average(projected, grid, self.kernels), dim=-1)
+
     def routed_tokens(self, p: Tensor, e_hat: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Routed (normal, anomalous) tokens per branch [B, S, 2, D], routing weights [B, 2, N], gate [B]."""
         cfg = self.cfg
@@ -294,13 +313,16 @@ class EntroAD(ZSADMethod):
         self, images: Tensor, feats: Any, p: Tensor, p_img: Tensor, loss_inputs: dict[str, Tensor]
     ) -> AnomalyOutput:
         grid = feats.grid
-        with torch.no_grad():
+        # Entropy, routing and gate in float32 whatever the autocast (cheap next to the encoders).
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             e_hat = self.entropy_map(feats.attentions, p)
-            z = F.normalize(neighbour_average(feats.patch_tokens[-1].float(), grid, self.kernels), dim=-1)
-            tokens, routes, gate = self.routed_tokens(p, e_hat, z)
+            z = self.patch_embeddings(feats.pre_proj_tokens[-1], grid)
+            tokens, routes, gate = self.routed_tokens(p.float(), e_hat, z)
         text = self.prompts(self.clip.text, self.bias(tokens))  # [B, S, 2, D]: one text-encoder call
-        logits = torch.einsum("bnd,bscd->bscn", z.to(text.dtype), text) / float(self.cfg.temperature)
-        probs = logits.float().softmax(2)  # [B, S, 2, N]
+        # Maps in float32: bf16 logits divided by 0.07 are too coarse.
+        with torch.autocast(images.device.type, enabled=False):
+            logits = torch.einsum("bnd,bscd->bscn", z, text.float()) / float(self.cfg.temperature)
+        probs = logits.softmax(2)  # [B, S, 2, N]
         loss_inputs["branch_probs"] = probs
         amap = self.fuse(probs, grid, tuple(images.shape[-2:]))
         if not self.training:
@@ -382,6 +404,10 @@ def _check_config(cfg: Any) -> None:
     if len(cfg.branch_weights) != 2:
         raise ValueError(
             f"method.branch_weights: two weights (branch A, branch B) expected, got {list(cfg.branch_weights)}"
+        )
+    if cfg.memory_regions not in M.REGION_RULES:
+        raise ValueError(
+            f"method.memory_regions: {cfg.memory_regions!r}; expected one of {', '.join(M.REGION_RULES)}"
         )
     if cfg.score_rule not in ("mean_topk", "max"):
         raise ValueError(f"method.score_rule: {cfg.score_rule!r}; expected mean_topk or max")
