@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data_modules.types import Batch
+from zsad.dist import destroy_process_group_at_exit
 from zsad.methods.base import ZSADMethod, build_optimizer
 from zsad.methods.registry import build_method
 from zsad.types import AnomalyOutput
@@ -51,6 +52,9 @@ class ZSADModule(L.LightningModule):
 
     def current_stage(self):  # noqa: ANN201
         return next(s for s in self.model.stages() if s.name == self.stage_name)
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()
 
     def on_fit_start(self) -> None:
         if not self._prepared:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -202,9 +203,11 @@ def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, log
         cfg, out, callbacks=[evaluator], logger=logger if logger is not None else make_logger(cfg, out)
     )
     trainer.test(module, datamodule=dm, verbose=False)
+    # Under ddp_spawn the Evaluator ran in the child processes: its results come back through metrics.json.
+    results = evaluator.results or json.loads((out / "metrics.json").read_text())
     if cfg.logger == "wandb" and trainer.is_global_zero:
         from zsad.wandb_log import log_results
 
-        log_results(trainer.logger, out, evaluator.results)
+        log_results(trainer.logger, out, results)
         trainer.logger.experiment.finish()  # flushes the summary a sweep agent reads
-    return evaluator.results
+    return results

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 import zsad
+from zsad.dist import destroy_process_group_at_exit
 from zsad.metrics.functional import evaluate
 from zsad.metrics.results import build_metrics_document, category_means, write_gallery, write_metrics_json
 from zsad.types import AnomalyOutput
@@ -112,7 +113,9 @@ def _lowest_per_label(items: list[dict], k: int) -> list[dict]:
 
 def _balanced(items: list[dict], k: int) -> list[dict]:
     """k items alternating anomalous / normal (lowest index first), topped up from whichever label remains."""
-    by_label = {lab: sorted((it for it in items if it["label"] == lab), key=lambda it: it["index"]) for lab in (1, 0)}
+    by_label = {
+        lab: sorted((it for it in items if it["label"] == lab), key=lambda it: it["index"]) for lab in (1, 0)
+    }
     chosen: list[dict] = []
     while len(chosen) < k and (by_label[1] or by_label[0]):
         for lab in (1, 0):
@@ -163,6 +166,7 @@ class Evaluator(Callback):
 
     # ------------------------------------------------------------------------------------------ hooks
     def on_test_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
+        destroy_process_group_at_exit()
         self._reset()
 
     def on_test_batch_end(
