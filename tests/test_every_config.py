@@ -35,7 +35,9 @@ def test_every_method_has_a_paper_config():
 def synth(tmp_path_factory):
     from data_modules.synthetic import ensure_synthetic
 
-    return ensure_synthetic(tmp_path_factory.mktemp("synth"), seed=0, show_progress=False, size=64, n_test=4, n_train=1)
+    return ensure_synthetic(
+        tmp_path_factory.mktemp("synth"), seed=0, show_progress=False, size=64, n_test=4, n_train=1
+    )
 
 
 def _dev_run(layers: list[Path], method: str, synth: Path, tmp_path: Path) -> dict:
@@ -80,18 +82,24 @@ def test_ablation_fast_dev_run(path, synth, tmp_path):
     method = _method_of(path)
     assert path.stem.startswith(f"{method}_"), "an ablation file is named <method>_<what>.yaml"
     if method == "ava_dino" and "dinov3" in path.stem:
-        pytest.skip("swaps the DINOv3 size; the tiny preset replaces it (the size itself is tested in test_dinov3)")
+        pytest.skip(
+            "swaps the DINOv3 size; the tiny preset replaces it (the size itself is tested in test_dinov3)"
+        )
     metrics = _dev_run([EXPERIMENTS / "methods" / f"{method}.yaml", path], method, synth, tmp_path)
     assert metrics["variant"] == path.stem[len(method) + 1 :]
     assert metrics["datasets"]["synthetic_objects"]["n_images"] == 20
 
 
-@pytest.mark.parametrize("path", PROTOCOL_FILES + TRAINER_FILES, ids=[p.stem for p in PROTOCOL_FILES + TRAINER_FILES])
+@pytest.mark.parametrize(
+    "path", PROTOCOL_FILES + TRAINER_FILES, ids=[p.stem for p in PROTOCOL_FILES + TRAINER_FILES]
+)
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_protocol_and_trainer_files_compose(path, method):
     cfg = compose([EXPERIMENTS / "methods" / f"{method}.yaml", path])
     if path.parent.name == "protocols":
         assert cfg.protocol == path.stem and cfg.data.train is not None and len(cfg.data.test) >= 1
-        assert cfg.data.train.name not in {t.name for t in cfg.data.test}  # zero-shot: never test on the train set
+        assert cfg.data.train.name not in {
+            t.name for t in cfg.data.test
+        }  # zero-shot: never test on the train set
     else:
         assert cfg.trainer.accelerator in {"cpu", "gpu"}

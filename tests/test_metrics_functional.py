@@ -27,10 +27,14 @@ from zsad.metrics import (
 
 # The reference vectors live beside the repository (../shared/testvectors), not in it; ZSAD_TESTVECTORS overrides.
 VECTORS = Path(
-    os.environ.get("ZSAD_TESTVECTORS", Path(__file__).resolve().parents[2] / "shared" / "testvectors" / "metrics")
+    os.environ.get(
+        "ZSAD_TESTVECTORS", Path(__file__).resolve().parents[2] / "shared" / "testvectors" / "metrics"
+    )
 )
 if not (VECTORS / "expected.json").is_file():  # a missing reference is a failure, never a silent skip
-    raise FileNotFoundError(f"metric reference vectors not found at {VECTORS}; set ZSAD_TESTVECTORS to their folder")
+    raise FileNotFoundError(
+        f"metric reference vectors not found at {VECTORS}; set ZSAD_TESTVECTORS to their folder"
+    )
 EXPECTED = json.loads((VECTORS / "expected.json").read_text())
 DETAILS = json.loads((VECTORS / "details.json").read_text())
 KEY_MAP = {"aupro_mvtec_0.3": "pixel_aupro", "aupro_zsad_legacy": "pixel_aupro_legacy"}

@@ -1,2 +1,3 @@
 """zsad: zero-shot anomaly detection."""
+
 __version__ = "0.1.0"

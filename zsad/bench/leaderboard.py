@@ -472,7 +472,9 @@ def _data_text(run: Run) -> str:
     roots = {str(Path(d["root"]).parent) for d in [train, *tests] if d.get("root")}
     synth = cfg.get("synthetic") or {}
     if any(not d.get("root") for d in [train, *tests]) and synth.get("root"):
-        roots.add(f"generated under {synth['root']} (seed {synth.get('seed', 0)}, {synth.get('size', '?')} px)")
+        roots.add(
+            f"generated under {synth['root']} (seed {synth.get('seed', 0)}, {synth.get('size', '?')} px)"
+        )
     where = f" (data: {', '.join(sorted(roots))})" if roots else ""
     return f"train on `{train_on}` → test on {targets}{where}"
 
