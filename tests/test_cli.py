@@ -37,3 +37,46 @@ def test_config_error_exits_2_naming_the_key(capsys):
 def test_argument_that_is_neither_yaml_nor_override():
     with pytest.raises(SystemExit, match="neither a YAML file nor a key=value override"):
         main(["train", "experiments/methods/anomalyclip.txt"])
+
+
+def test_summary_table_shows_percentages_and_undefined():
+    from zsad.cli import summary_table
+
+    doc = {
+        "datasets": {
+            "kvasir": {
+                "n_images": 100,
+                "mean": {"image_auroc": None, "image_ap": None, "pixel_auroc": 0.9061, "pixel_aupro": 0.5},
+            }
+        }
+    }
+    text = summary_table(doc)
+    assert "kvasir" in text and "90.6" in text and "50.0" in text
+    assert text.splitlines()[1].count("–") == 2  # image metrics undefined on a pixel-only set
+
+
+def test_test_from_checkpoint_alone_uses_its_config(tmp_path, dummy_method, capsys):
+    """`zsad test checkpoint=PATH` needs no YAML: the checkpoint carries its resolved config."""
+    import json
+
+    from zsad.config import compose
+    from zsad.run import train
+
+    cfg = compose(
+        [],
+        [
+            "method.name=dummy",
+            "protocol=synthetic",
+            f"data.synthetic.root={tmp_path / 's'}",
+            f"out_dir={tmp_path / 'runs'}",
+            "trainer.accelerator=cpu",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+        ],
+    )
+    out = train(cfg)
+    code = main(["test", f"checkpoint={out / 'checkpoints' / 'second.ckpt'}", "run_name=again"])
+    assert code == 0 and "synthetic_objects" in capsys.readouterr().out
+    first = json.loads((out / "metrics.json").read_text())["datasets"]
+    again = json.loads((out.parent / "again" / "metrics.json").read_text())["datasets"]
+    assert first == again

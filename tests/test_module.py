@@ -152,7 +152,7 @@ def test_predict_writes_overlays(cfg_factory, tmp_path):
     (imgs / ".DS_Store").write_text("x")
     written = predict(cfg_factory(f"checkpoint={out / 'checkpoints' / 'second.ckpt'}"), imgs, tmp_path / "ov")
     assert sorted(p.name for p in written) == [f"part{i}_heatmap.png" for i in range(3)]
-    assert Image.open(written[0]).size == (64, 32)  # image | overlay at the method's input size
+    assert Image.open(written[0]).size == (100, 40)  # image | overlay at the image's own 50×40 resolution
     assert (tmp_path / "ov" / "scores.csv").read_text().count("\n") == 4
 
 

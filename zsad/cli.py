@@ -26,10 +26,59 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _compose(items: list[str]):  # noqa: ANN202
+    """Compose layers + overrides; with no YAML but ``checkpoint=PATH``, start from the checkpoint's own config."""
     from zsad.config import compose
 
     layers, overrides = _split(items)
+    ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("checkpoint=")), None)
+    if not layers and ckpt:
+        layers = [_checkpoint_config(Path(ckpt))]
     return compose(layers, overrides)
+
+
+def _checkpoint_config(path: Path) -> Path:
+    """The resolved config a checkpoint was trained with, written to a temporary YAML layer."""
+    import tempfile
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from zsad.config import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"checkpoint: {path} does not exist")
+    meta = torch.load(path, map_location="cpu", weights_only=False).get("zsad")
+    if meta is None:
+        raise ConfigError(f"checkpoint: {path} is not a zsad checkpoint (no 'zsad' metadata)")
+    out = Path(tempfile.mkdtemp(prefix="zsad-ckpt-")) / "config.yaml"
+    OmegaConf.save(OmegaConf.create(meta["config"]), out)
+    return out
+
+
+SUMMARY_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
+
+
+def summary_table(metrics: dict) -> str:
+    """Per-dataset means of the main metrics, in percent, as papers print them (– = undefined)."""
+    heads = ["dataset", "images", *SUMMARY_KEYS]
+    rows = []
+    for name, data in metrics.get("datasets", {}).items():
+        vals = [data["mean"].get(k) for k in SUMMARY_KEYS]
+        rows.append(
+            [name, str(data.get("n_images", "")), *["–" if v is None else f"{100 * v:.1f}" for v in vals]]
+        )
+    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
+    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(heads), *[fmt(r) for r in rows]])
+
+
+def _print_summary(run: Path) -> None:
+    import json
+
+    path = run / "metrics.json"
+    if path.is_file():
+        print(summary_table(json.loads(path.read_text())))
+        print(f"metrics: {path}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,6 +86,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _compose(args.config)
     out = train(cfg, test_after=not args.no_test, resume=not args.restart)
+    if not args.no_test:
+        _print_summary(out)
     print(f"run folder: {out}")
     return 0
 
@@ -46,7 +97,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     cfg = _compose(args.config)
     test(cfg)
-    print(f"metrics: {run_dir(cfg) / 'metrics.json'}")
+    _print_summary(run_dir(cfg))
     return 0
 
 
@@ -83,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("test", help="evaluate a checkpoint on the target sets (writes metrics.json)")
-    e.add_argument("config", nargs="+", help=cfg_help + " — include checkpoint=PATH")
+    e.add_argument(
+        "config", nargs="+", help=cfg_help + " — include checkpoint=PATH (alone: the checkpoint's config)"
+    )
     e.set_defaults(func=cmd_test)
 
     b = sub.add_parser("bench", help="run a benchmark grid and write the leaderboard")
@@ -94,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("predict", help="write heatmap overlays for a folder of images")
-    r.add_argument("config", nargs="+", help=cfg_help + " — include checkpoint=PATH")
+    r.add_argument(
+        "config", nargs="+", help=cfg_help + " — include checkpoint=PATH (alone: the checkpoint's config)"
+    )
     r.add_argument("--images", required=True, help="folder of images (png/jpg/bmp/tif)")
     r.add_argument("--out", required=True, help="output folder for the overlays")
     r.add_argument("--class-name", default="object", help="class name shown to the text prompts")

@@ -71,7 +71,10 @@ def predict(
             res = model(batch.image, batch)
             maps = res.anomaly_map.float().cpu().numpy()
             for path, m, score in zip(batch.path, maps, res.image_score.float().cpu().tolist()):
-                img = np.asarray(Image.fromarray(load_image(path)).resize(m.shape[::-1], Image.BILINEAR))
+                img = load_image(
+                    path
+                )  # overlays at the image's own resolution: the map is resized, not the image
+                m = np.asarray(Image.fromarray(m).resize((img.shape[1], img.shape[0]), Image.BILINEAR))
                 target = out / f"{Path(path).stem}_heatmap.png"
                 Image.fromarray(np.concatenate([img, overlay(img, m)], axis=1)).save(target)
                 written.append(target)

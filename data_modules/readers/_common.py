@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,6 +109,30 @@ def select_categories(found: Sequence[str], wanted: Sequence[str] | None, where:
             f"categories {missing} not found under {where}; available: {sorted(found, key=natural_key)}"
         )
     return list(wanted)
+
+
+def listing(folder: Path, limit: int = 8) -> str:
+    """A short description of what ``folder`` holds, for layout errors (``found: images/, a.png, …``)."""
+    if not folder.is_dir():
+        return "found: nothing (not a folder)"
+    names = sorted((p.name + "/" if p.is_dir() else p.name for p in folder.iterdir()), key=natural_key)
+    names = [n for n in names if not n.startswith(".")]
+    if not names:
+        return "found: an empty folder"
+    more = f", … ({len(names) - limit} more)" if len(names) > limit else ""
+    return "found: " + ", ".join(names[:limit]) + more
+
+
+def descend(root: Path, accept: Callable[[Path], bool], report: ReadReport) -> Path | None:
+    """``root`` if ``accept(root)``, else its one visible sub-folder that is accepted (archives often unpack into
+    an extra folder, e.g. ``KolektorSDD/kos01``); ``None`` when neither fits. The descent is noted in ``report``."""
+    if accept(root):
+        return root
+    hits = [d for d in subdirs(root, ReadReport()) if accept(d)]
+    if len(hits) == 1:
+        report.notes.append(f"read the dataset from the nested folder {hits[0]}")
+        return hits[0]
+    return None
 
 
 def require_nonempty(samples: Sequence[Sample], category: str, where: Path) -> None:

@@ -6,6 +6,7 @@ KSDD2 and SDD ship a mask for every image, normal ones included, so their image 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,15 +14,21 @@ from data_modules.errors import DataError
 from data_modules.imageio import load_mask
 from data_modules.readers._common import (
     ReadReport,
+    descend,
     find_by_stem,
     index_by_stem,
     list_images,
+    listing,
     require_dir,
     require_nonempty,
     select_categories,
     subdirs,
 )
 from data_modules.types import Sample
+
+_KOS = re.compile(r"kos\d+", re.IGNORECASE)
+_DAGM_CLASS = re.compile(r"class\d+", re.IGNORECASE)
+_DAGM_DEF = re.compile(r"class\d+_def", re.IGNORECASE)
 
 SURFACE_NAMES = {"ksdd2": "metal surface", "sdd": "metal surface", "dagm": "textured surface"}
 
@@ -69,15 +76,21 @@ def _pair(images: Sequence[Path], masks: dict[str, Path], suffix: str) -> list[t
 
 def read_ksdd2(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
     """KolektorSDD2: ``<root>/test/NNNNN.png`` + ``NNNNN_GT.png``; one category ``ksdd2``."""
-    root = Path(root).expanduser()
-    test = require_dir(
-        root / "test", "KolektorSDD2 layout <root>/test/NNNNN.png with NNNNN_GT.png beside each image"
-    )
+    layout = "KolektorSDD2 layout <root>/test/NNNNN.png with NNNNN_GT.png beside each image"
+    root = require_dir(Path(root).expanduser(), layout)
+    base = descend(root, lambda d: (d / "test").is_dir(), report)
+    if base is None:
+        raise DataError(f"no 'test' folder in {root} or one level below; expected {layout}; {listing(root)}")
+    test = base / "test"  # train/ is never read
     select_categories(["ksdd2"], categories, root)
     images, masks = _split_images_masks(list_images(test, report), "_GT")
     samples = _paired_by_mask_content("ksdd2", "ksdd2", _pair(images, masks, "_GT"), SURFACE_NAMES["ksdd2"])
     require_nonempty(samples, "ksdd2", test)
     return samples
+
+
+def _kos_folders(d: Path) -> list[Path]:
+    return [k for k in subdirs(d, ReadReport()) if _KOS.fullmatch(k.name)]
 
 
 def read_sdd(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
@@ -86,11 +99,13 @@ def read_sdd(root: str | Path, categories: Sequence[str] | None, report: ReadRep
         Path(root).expanduser(), "KolektorSDD layout <root>/kos*/Part*.jpg with Part*_label.bmp"
     )
     select_categories(["sdd"], categories, root)
-    folders = [d for d in subdirs(root, report) if d.name.lower().startswith("kos")]
-    if not folders:
+    base = descend(root, lambda d: bool(_kos_folders(d)), report)
+    if base is None:
         raise DataError(
-            f"no kos* folder under {root}; expected KolektorSDD layout <root>/kos*/Part*.jpg + Part*_label.bmp"
+            f"no kos* folder in {root} or one level below; expected KolektorSDD layout "
+            f"<root>/kos*/Part*.jpg + Part*_label.bmp; {listing(root)}"
         )
+    folders = _kos_folders(base)
     pairs = []
     for d in folders:
         images, masks = _split_images_masks(list_images(d, report), "_label")
@@ -98,6 +113,10 @@ def read_sdd(root: str | Path, categories: Sequence[str] | None, report: ReadRep
     samples = _paired_by_mask_content("sdd", "sdd", pairs, SURFACE_NAMES["sdd"])
     require_nonempty(samples, "sdd", root)
     return samples
+
+
+def _dagm_classes(d: Path) -> list[Path]:
+    return [c for c in subdirs(d, ReadReport()) if _DAGM_CLASS.fullmatch(c.name)]
 
 
 def _dagm_class_dir(d: Path) -> Path:
@@ -112,9 +131,14 @@ def read_dagm(root: str | Path, categories: Sequence[str] | None, report: ReadRe
     """
     layout = "DAGM layout <root>/ClassN/{Train,Test}/NNNN.PNG with masks <root>/ClassN/{Train,Test}/Label/NNNN_label.PNG"
     root = require_dir(Path(root).expanduser(), layout)
-    found = {d.name: _dagm_class_dir(d) for d in subdirs(root, report) if d.name.lower().startswith("class")}
-    if not found:
-        raise DataError(f"no Class* folder under {root}; expected {layout}")
+    base = descend(root, lambda d: bool(_dagm_classes(d)), report)
+    if base is None:
+        raise DataError(f"no ClassN folder in {root} or one level below; expected {layout}; {listing(root)}")
+    found = {d.name: _dagm_class_dir(d) for d in _dagm_classes(base)}
+    extra = [d.name for d in subdirs(base, ReadReport()) if _DAGM_DEF.fullmatch(d.name)]
+    if extra:
+        # ClassN_def (older releases) repeat ClassN's defective images: reading them would count them twice.
+        report.notes.append(f"not read (duplicates of ClassN's defective images): {', '.join(extra)}")
     samples: list[Sample] = []
     for cat in select_categories(list(found), categories, root):
         cat_samples: list[Sample] = []
