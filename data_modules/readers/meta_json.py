@@ -30,13 +30,19 @@ def meta_file(root: str | Path) -> Path:
 
 
 def _load(path: Path) -> dict[str, Any]:
+    """The ``test`` split of the file: category → items."""
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict) or not isinstance(data.get("test"), dict):
-        raise DataError(f"{path}: expected an object with a 'test' key mapping category → list of items")
-    return data
+    # AnomalyCLIP's DAGM script writes "Test"/"Train": the split key is matched in any letter case.
+    tests = [v for k, v in data.items() if k.lower() == "test"] if isinstance(data, dict) else []
+    if len(tests) != 1 or not isinstance(tests[0], dict):
+        keys = list(data) if isinstance(data, dict) else type(data).__name__
+        raise DataError(
+            f"{path}: expected an object with one 'test' key mapping category → list of items; found {keys}"
+        )
+    return tests[0]
 
 
 def _item(item: Any, cat: str, pos: int, base: Path, path: Path) -> Sample:
@@ -69,7 +75,7 @@ def _item(item: Any, cat: str, pos: int, base: Path, path: Path) -> Sample:
 def read_meta(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
     """Read the test split of a ``meta.json``; categories in file order unless given."""
     path = meta_file(root)
-    test = _load(path)["test"]
+    test = _load(path)
     cats = select_categories(list(test), categories, path) if categories else list(test)
     if not cats:
         raise DataError(f"{path}: the 'test' split has no categories")

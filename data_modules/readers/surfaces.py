@@ -119,9 +119,16 @@ def _dagm_classes(d: Path) -> list[Path]:
     return [c for c in subdirs(d, ReadReport()) if _DAGM_CLASS.fullmatch(c.name)]
 
 
+def _child_dir(d: Path, name: str) -> Path | None:
+    """The sub-folder of ``d`` called ``name`` in any letter case (``Train``/``train``)."""
+    hits = [c for c in subdirs(d, ReadReport()) if c.name.lower() == name]
+    return hits[0] if hits else None
+
+
 def _dagm_class_dir(d: Path) -> Path:
     # Some copies unpack as ClassN/ClassN/{Train,Test}.
-    return d / d.name if (d / d.name).is_dir() and not (d / "Test").is_dir() else d
+    nested = _child_dir(d, d.name.lower())
+    return nested if nested is not None and _child_dir(d, "test") is None else d
 
 
 def read_dagm(root: str | Path, categories: Sequence[str] | None, report: ReadReport) -> list[Sample]:
@@ -142,12 +149,16 @@ def read_dagm(root: str | Path, categories: Sequence[str] | None, report: ReadRe
     samples: list[Sample] = []
     for cat in select_categories(list(found), categories, root):
         cat_samples: list[Sample] = []
-        for split in ("Train", "Test"):
-            split_dir = found[cat] / split
-            if not split_dir.is_dir():
-                continue
-            label_dir = split_dir / "Label"
-            masks = index_by_stem(list_images(label_dir, report)) if label_dir.is_dir() else {}
+        splits = [d for name in ("train", "test") if (d := _child_dir(found[cat], name)) is not None]
+        if not splits:
+            raise DataError(
+                f"{found[cat]} has no Train/ or Test/ folder; expected {layout} (the older development release "
+                f"with ellipse labels is not supported); {listing(found[cat])}"
+            )
+        for split_dir in splits:
+            # Label/ also holds Labels.txt (a per-image table); the label images alone decide the labels.
+            label_dir = _child_dir(split_dir, "label")
+            masks = index_by_stem(list_images(label_dir, report)) if label_dir is not None else {}
             for img in list_images(split_dir, report):
                 mask = find_by_stem(masks, [img.stem + "_label"])
                 cat_samples.append(

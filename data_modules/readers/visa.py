@@ -23,7 +23,7 @@ def _rows(csv_path: Path) -> list[dict[str, str]]:
         raise DataError(
             f"VisA split file {csv_path} not found; expected <root>/{SPLIT_FILE} (object,split,label,image,mask)"
         )
-    with csv_path.open(newline="") as f:
+    with csv_path.open(newline="", encoding="utf-8-sig") as f:  # a BOM would hide the first column
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
         missing = [c for c in _COLUMNS if c not in header]
