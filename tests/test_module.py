@@ -189,3 +189,11 @@ def test_ddp_training_run_completes_and_its_metrics_reproduce(cfg_factory):
         for k, v in vals.items():
             w = single["datasets"]["synthetic_objects"]["categories"][cat][k]
             assert (v is None and w is None) or abs(v - w) < 1e-6, (cat, k, v, w)
+
+
+def test_target_equal_to_training_set_is_refused(cfg_factory):
+    from zsad.config import ConfigError
+    from zsad.run import train
+
+    with pytest.raises(ConfigError, match="auxiliary training set"):
+        train(cfg_factory("data.test=[{name: synthetic_textures}]"))

@@ -39,6 +39,7 @@ def build_datamodule(cfg: DictConfig, module: ZSADModule, with_train: bool = Tru
         )
 
     model = module.model
+    _check_zero_shot(cfg)
     if with_train and cfg.data.train is None:
         raise C.ConfigError(
             "data.train is not set: training needs an auxiliary dataset (see experiments/protocols/)"
@@ -60,6 +61,20 @@ def build_datamodule(cfg: DictConfig, module: ZSADModule, with_train: bool = Tru
         seed=int(cfg.seed),
         cache_dir=cfg.data.cache_dir if cfg.data.cache_resized else None,
     )
+
+
+def _check_zero_shot(cfg: DictConfig) -> None:
+    """A target that is the auxiliary training set itself is not zero-shot: refuse it."""
+    train = cfg.data.train
+    if train is None:
+        return
+    for ref in cfg.data.test:
+        same_root = (ref.root or "") == (train.root or "")
+        if ref.name == train.name and same_root:
+            raise C.ConfigError(
+                f"data.test: target {ref.name!r} (root {ref.root or 'default'!r}) is the auxiliary training set; "
+                "zero-shot evaluation needs datasets the model never saw (see experiments/protocols/)"
+            )
 
 
 def _default_root(cfg: DictConfig, name: str) -> Path:
