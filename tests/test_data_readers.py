@@ -371,3 +371,157 @@ def test_empty_and_unknown_categories(tmp_path: Path) -> None:
         read("mvtec", root)
     with pytest.raises(DataError, match=r"\['carpet'\] not found.*available"):
         read("mvtec", root, ["carpet"])
+
+
+# ------------------------------------------------------------------------------ variants of the real downloads
+
+
+def test_isic_single_folder_ignores_training_and_superpixels(tmp_path: Path) -> None:
+    root = tmp_path / "isic"
+    img(root / "ISIC_0000003.jpg")
+    mask(root / "ISIC_0000003_Segmentation.png")
+    img(root / "ISIC_0000003_superpixels.png")
+    img(root / "ISBI2016_ISIC_Part1_Training_Data" / "ISIC_0000000.jpg")  # no mask: would fail if read
+    samples, report = read_with_report("isic", root)
+    assert [(s.image_path.name, s.mask_path.name) for s in samples] == [
+        ("ISIC_0000003.jpg", "ISIC_0000003_Segmentation.png")
+    ]
+    text = report.summary("isic", samples)
+    assert "1 file(s) under training folders" in text and "1 *_superpixels" in text
+
+
+def test_cvc_original_ground_truth_and_png_tif_copies(tmp_path: Path) -> None:
+    orig = tmp_path / "clinic_orig"
+    img(orig / "Original" / "1.tif")
+    img(orig / "Original" / "2.tif")
+    mask(orig / "Ground Truth" / "2.tif")
+    mask(orig / "Ground Truth" / "1.tif")
+    assert [(s.image_path.name, s.mask_path.name) for s in read("clinicdb", orig)] == [
+        ("1.tif", "1.tif"),
+        ("2.tif", "2.tif"),
+    ]
+    kaggle = tmp_path / "clinic_kaggle"
+    for sub, ext in (("PNG", "png"), ("TIF", "tif")):
+        img(kaggle / sub / "Original" / f"7.{ext}")
+        mask(kaggle / sub / "Ground Truth" / f"7.{ext}")
+    samples, report = read_with_report("colondb", kaggle)
+    assert [s.mask_path.parent.parent.name for s in samples] == ["PNG"]  # one copy only, not both
+    assert "ignored the other copy" in report.summary("colondb", samples)
+
+
+def test_kvasir_jpeg_masks_and_tn3k_trainval_not_read(tmp_path: Path) -> None:
+    k = tmp_path / "Kvasir-SEG"
+    img(k / "images" / "cju0qkwl35piu0993l0dewei2.jpg")
+    mask(k / "masks" / "cju0qkwl35piu0993l0dewei2.jpg")
+    (k / "kavsir_bboxes.json").write_text("{}")
+    (s,) = read("kvasir", k)
+    assert s.mask_path.suffix == ".jpg" and s.label == 1
+    t = tmp_path / "tn3k"
+    img(t / "test-image" / "0000.jpg")
+    mask(t / "test-mask" / "0000.jpg")
+    img(t / "trainval-image" / "0001.jpg")
+    mask(t / "trainval-mask" / "0001.jpg")
+    assert [s.image_path.name for s in read("tn3k", t)] == ["0000.jpg"]
+
+
+def test_wrong_segmentation_layout_says_what_it_found(tmp_path: Path) -> None:
+    img(tmp_path / "c" / "Images" / "1.png")
+    img(tmp_path / "c" / "GT" / "1.png")
+    with pytest.raises(DataError, match=r"Original/ \+ <root>/Ground Truth/.*found: GT/, Images/"):
+        read("clinicdb", tmp_path / "c")
+
+
+def test_visa_csv_with_byte_order_mark(tmp_path: Path) -> None:
+    root = tmp_path / "visa"
+    img(root / "candle" / "Data" / "Images" / "Normal" / "0000.JPG")
+    (root / "split_csv").mkdir(parents=True)
+    text = "object,split,label,image,mask\ncandle,test,normal,candle/Data/Images/Normal/0000.JPG,\n"
+    (root / "split_csv" / "1cls.csv").write_text("\ufeff" + text, encoding="utf-8")
+    assert [(s.category, s.label) for s in read("visa", root)] == [("candle", 0)]
+
+
+def test_mvtec_ad2_ignores_train_and_validation(tmp_path: Path) -> None:
+    c = tmp_path / "mvtec2" / "can"
+    img(c / "train" / "good" / "000_regular.png")
+    img(c / "validation" / "good" / "000_regular.png")
+    img(c / "test_private" / "000.png")
+    img(c / "test_public" / "good" / "001_regular.png")
+    img(c / "test_public" / "bad" / "002_regular.png")
+    mask(c / "test_public" / "ground_truth" / "bad" / "002_regular_mask.png")
+    samples = read("mvtec2", tmp_path / "mvtec2")
+    assert sorted(s.image_path.relative_to(c).as_posix() for s in samples) == [
+        "test_public/bad/002_regular.png",
+        "test_public/good/001_regular.png",
+    ]
+
+
+def test_btad_png_category_and_train_not_read(tmp_path: Path) -> None:
+    root = tmp_path / "BTech_Dataset_transformed"
+    img(root / "02" / "train" / "ok" / "0000.png")
+    img(root / "02" / "test" / "ok" / "0000.png")
+    img(root / "02" / "test" / "ko" / "0001.png")
+    mask(root / "02" / "ground_truth" / "ko" / "0001.png")
+    samples = read("btad", root)
+    assert [(s.label, s.image_path.parent.parent.name) for s in samples] == [(1, "test"), (0, "test")]
+    assert samples[0].mask_path.name == "0001.png"
+
+
+def test_surface_sets_unpacked_one_level_down(tmp_path: Path) -> None:
+    k = tmp_path / "ksdd2_zip"
+    img(k / "KolektorSDD2" / "train" / "20000.png")  # train has no _GT here: reading it would fail
+    img(k / "KolektorSDD2" / "test" / "10001.png")
+    mask(k / "KolektorSDD2" / "test" / "10001_GT.png")
+    assert [s.label for s in read("ksdd2", k)] == [1]
+    d = tmp_path / "sdd_zip"
+    img(d / "KolektorSDD" / "kos10" / "Part0.jpg")
+    mask(d / "KolektorSDD" / "kos10" / "Part0_label.bmp", empty=True)
+    (d / "KolektorSDD" / "kos10" / "Thumbs.db").write_bytes(b"\0")
+    assert [s.label for s in read("sdd", d)] == [0]
+
+
+def test_dagm_def_folders_and_lowercase_splits(tmp_path: Path) -> None:
+    root = tmp_path / "DAGM_KaggleUpload"
+    img(root / "Class1" / "train" / "0001.PNG")
+    mask(root / "Class1" / "train" / "Label" / "0001_label.PNG")
+    (root / "Class1" / "train" / "Label" / "Labels.txt").write_text("1\n1\t1\t0001.PNG\t0\t0001_label.PNG\n")
+    img(root / "Class1_def" / "1.png")
+    samples, report = read_with_report("dagm", root)
+    assert [(s.category, s.label) for s in samples] == [("Class1", 1)]
+    assert "Class1_def" in report.summary("dagm", samples)
+    img(root / "Class2" / "0001.PNG")  # development release: no Train/Test
+    with pytest.raises(DataError, match=r"Class2 has no Train/ or Test/ folder"):
+        read("dagm", root)
+
+
+def test_medical_image_sets_as_unpacked_from_kaggle(tmp_path: Path) -> None:
+    h = tmp_path / "headct"
+    img(h / "head_ct" / "head_ct" / "000.png")
+    img(h / "head_ct" / "head_ct" / "001.png")
+    (h / "labels.csv").write_text("id, hemorrhage\n0, 1\n1, 0\n")
+    assert [(s.image_path.name, s.label) for s in read("headct", h)] == [("000.png", 1), ("001.png", 0)]
+    nested = tmp_path / "brain_zip"
+    img(nested / "brain_tumor_dataset" / "no" / "1 no.jpeg")
+    img(nested / "brain_tumor_dataset" / "yes" / "Y1.jpg")
+    assert [s.label for s in read("brainmri", nested)] == [0, 1]
+    both = tmp_path / "brain_full"  # the Kaggle archive holds the images twice
+    for base in (both, both / "brain_tumor_dataset"):
+        img(base / "no" / "N1.jpg")
+        img(base / "yes" / "Y1.jpg")
+    samples, report = read_with_report("brainmri", both)
+    assert len(samples) == 2 and all(s.image_path.parent.parent == both.resolve() for s in samples)
+    assert "brain_tumor_dataset/" in report.summary("brainmri", samples)
+    br = tmp_path / "br35h"
+    img(br / "no" / "no0.jpg")
+    img(br / "yes" / "y0.jpg")
+    img(br / "pred" / "pred0.jpg")
+    samples, report = read_with_report("br35h", br)
+    assert len(samples) == 2 and "not read (no label): pred/" in report.summary("br35h", samples)
+
+
+def test_meta_json_capital_split_key_and_absolute_paths(tmp_path: Path) -> None:
+    a = img(tmp_path / "data" / "Class1" / "Test" / "0001.PNG")
+    m = mask(tmp_path / "data" / "Class1" / "Test" / "Label" / "0001_label.PNG")
+    item = {"img_path": str(a), "mask_path": str(m), "cls_name": "Class1", "specie_name": "", "anomaly": 1}
+    (tmp_path / "meta.json").write_text(json.dumps({"Train": {"Class1": []}, "Test": {"Class1": [item]}}))
+    (s,) = read("meta", tmp_path)
+    assert s.image_path == a.resolve() and s.mask_path == m.resolve() and s.defect_type == "anomaly"
