@@ -60,7 +60,14 @@ class ZSADModule(L.LightningModule):
         if not self._prepared:
             dm = getattr(self.trainer, "datamodule", None)
             samples = getattr(dm, "train_samples", [])
-            self.model.prepare(samples, self.cache_dir, self.device)
+            # Under DDP rank 0 prepares first (EntroAD builds and caches its memory); the others then find the cache.
+            if self.trainer.world_size > 1 and not self.trainer.is_global_zero:
+                self.trainer.strategy.barrier("zsad-prepare")
+                self.model.prepare(samples, self.cache_dir, self.device)
+            else:
+                self.model.prepare(samples, self.cache_dir, self.device)
+                if self.trainer.world_size > 1:
+                    self.trainer.strategy.barrier("zsad-prepare")
             self._prepared = True
 
     # --- steps -------------------------------------------------------------------------------------------------
