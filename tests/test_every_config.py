@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from zsad.config import EXPERIMENTS, compose
 from zsad.methods.registry import METHODS, tiny_overrides
@@ -40,7 +41,7 @@ def synth(tmp_path_factory):
     )
 
 
-def _dev_run(layers: list[Path], method: str, synth: Path, tmp_path: Path) -> dict:
+def _dev_run(layers: list[Path], method: str, synth: Path, tmp_path: Path, *extra: str) -> dict:
     from zsad.run import train
 
     over = [
@@ -59,6 +60,7 @@ def _dev_run(layers: list[Path], method: str, synth: Path, tmp_path: Path) -> di
         "logger=none",
         "eval.gallery_per_category=0",
         f"out_dir={tmp_path}",
+        *extra,
     ]
     cfg = compose(layers, over)
     out = train(cfg)
@@ -103,3 +105,25 @@ def test_protocol_and_trainer_files_compose(path, method):
         }  # zero-shot: never test on the train set
     else:
         assert cfg.trainer.accelerator in {"cpu", "gpu"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["ava_dino", "mpama", "entroad"])
+def test_bf16_mixed_training_and_evaluation(method, synth, tmp_path, monkeypatch):
+    """precision=bf16-mixed end to end (Lightning's autocast on CPU): the Evaluator only ever sees float32 maps."""
+    from zsad.metrics import Evaluator
+
+    seen: list[torch.dtype] = []
+    original = Evaluator.on_test_batch_end
+
+    def spy(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        seen.append(outputs["maps"].dtype)
+        return original(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    monkeypatch.setattr(Evaluator, "on_test_batch_end", spy)
+    layers = [EXPERIMENTS / "methods" / f"{method}.yaml"]
+    metrics = _dev_run(
+        layers, method, synth, tmp_path, "trainer.precision=bf16-mixed", "trainer.limit_train_batches=1"
+    )
+    assert seen and set(seen) == {torch.float32}
+    assert 0.0 <= metrics["datasets"]["synthetic_objects"]["mean"]["pixel_auroc"] <= 1.0

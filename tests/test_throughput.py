@@ -172,3 +172,20 @@ def test_targets_are_judged_on_gpu_reports():
 def test_unknown_method_is_rejected():
     with pytest.raises(SystemExit):
         tp.main(["--cpu", "--methods", "nope"])
+
+
+def test_random_memory_lets_entroad_run_without_a_build():
+    """The GPU tests and the harness give EntroAD a random memory; it must be a working one."""
+    from zsad.bench.throughput import fill_random_memory
+    from zsad.config import EXPERIMENTS, compose
+    from zsad.methods.registry import build_method, tiny_overrides
+    from tests_support import batch_of
+
+    cfg = compose(
+        [EXPERIMENTS / "methods" / "entroad.yaml"], [*tiny_overrides("entroad"), "method.image_size=112"]
+    )
+    model = build_method(cfg.method)
+    fill_random_memory(model, 8)
+    x = torch.randn(2, 3, 112, 112)
+    out = model.eval()(x, batch_of(x, class_name="bottle"))
+    assert out.anomaly_map.shape == (2, 112, 112) and torch.isfinite(out.image_score).all()
