@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tests_support import batch_of
+
 from zsad.config import EXPERIMENTS, compose
 from zsad.methods.registry import METHODS, build_method, tiny_overrides
 

@@ -176,10 +176,11 @@ def test_unknown_method_is_rejected():
 
 def test_random_memory_lets_entroad_run_without_a_build():
     """The GPU tests and the harness give EntroAD a random memory; it must be a working one."""
+    from tests_support import batch_of
+
     from zsad.bench.throughput import fill_random_memory
     from zsad.config import EXPERIMENTS, compose
     from zsad.methods.registry import build_method, tiny_overrides
-    from tests_support import batch_of
 
     cfg = compose(
         [EXPERIMENTS / "methods" / "entroad.yaml"], [*tiny_overrides("entroad"), "method.image_size=112"]
