@@ -47,3 +47,32 @@ def test_bf16_autocast_maps_agree_with_fp32(method):
     assert (a - b).abs().max() <= bound
     assert spearmanr(a.numpy(), b.numpy()).statistic > 0.999
     assert (fp32.image_score - bf16.image_score).abs().max() <= bound
+
+
+def test_ava_dino_bf16_vision_weights_agree_with_fp32():
+    """vision_bf16 stores DINOv3 in bf16: maps stay float32 and rank pixels like the fp32 model."""
+    from zsad.config import EXPERIMENTS, compose
+    from zsad.methods.registry import build_method, tiny_overrides
+
+    over = [*tiny_overrides("ava_dino"), "method.image_size=64"]
+    torch.manual_seed(0)
+    ref = build_method(compose([EXPERIMENTS / "methods" / "ava_dino.yaml"], over).method).eval()
+    torch.manual_seed(0)
+    fast = build_method(
+        compose([EXPERIMENTS / "methods" / "ava_dino.yaml"], [*over, "method.vision_bf16=true"]).method
+    )
+    fast.eval()
+    fast.load_state_dict(ref.state_dict())  # same weights, then rounded to bf16 by the load into bf16 params
+    assert next(fast.vision.parameters()).dtype == torch.bfloat16
+    assert next(fast.heads.parameters()).dtype == torch.float32
+    x = torch.randn(2, 3, 64, 64)
+    from tests_support import batch_of
+
+    b = batch_of(x, class_name="bottle")
+    with torch.inference_mode():
+        a, f = ref(x, b), fast(x, b)
+    assert f.anomaly_map.dtype == torch.float32
+    ra = a.anomaly_map.flatten().argsort().argsort().float()
+    rf = f.anomaly_map.flatten().argsort().argsort().float()
+    rho = torch.corrcoef(torch.stack([ra, rf]))[0, 1]
+    assert rho > 0.99

@@ -190,3 +190,24 @@ def test_random_memory_lets_entroad_run_without_a_build():
     x = torch.randn(2, 3, 112, 112)
     out = model.eval()(x, batch_of(x, class_name="bottle"))
     assert out.anomaly_map.shape == (2, 112, 112) and torch.isfinite(out.image_score).all()
+
+
+def test_ablation_rows_are_measured_and_unknown_rows_rejected(tmp_path):
+    from zsad.bench import throughput
+
+    throughput.main(
+        [
+            "--cpu",
+            "--methods",
+            "ava_dino:vision_bf16",
+            "--skip-loading",
+            "--skip-metrics",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
+    report = json.loads((tmp_path / "t.json").read_text())
+    (row,) = report["methods"]
+    assert row["method"] == "ava_dino:vision_bf16" and row["infer_img_s"] > 0
+    with pytest.raises(SystemExit):
+        throughput.main(["--cpu", "--methods", "ava_dino:no_such_ablation", "--out", str(tmp_path / "u")])

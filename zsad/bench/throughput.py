@@ -34,6 +34,17 @@ from torch import nn
 from zsad.versions import versions
 
 METHODS = ["anomalyclip", "mpa", "mpama", "entroad", "ava_dino"]
+# Rows measured by default besides the paper configurations: <method>:<ablation> layers experiments/ablations/
+# <method>_<ablation>.yaml on the method (here: DINOv3 weights stored in bf16, DESIGN.md's 279 → 344 img/s row).
+DEFAULT_ROWS = [*METHODS, "ava_dino:vision_bf16"]
+
+
+def split_row(row: str) -> tuple[str, str | None]:
+    """``mpama:top1`` → (``mpama``, ``top1``); a plain method name has no ablation layer."""
+    method, _, ablation = row.partition(":")
+    return method, ablation or None
+
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of cards we may meet; MFU is reported against these.
 BF16_PEAK_TFLOPS = {
     "H100": 989.0,
@@ -95,12 +106,15 @@ def bench_overrides(method: str, tiny: bool, image_size: int | None) -> list[str
     return over
 
 
-def build_model(method: str, tiny: bool, image_size: int | None):  # noqa: ANN201 — (ZSADMethod, DictConfig)
+def build_model(method: str, tiny: bool, image_size: int | None, ablation: str | None = None):  # noqa: ANN201
     """The method at its paper configuration with random weights (or its tiny preset)."""
     from zsad.config import EXPERIMENTS, compose
     from zsad.methods.registry import build_method
 
-    cfg = compose([EXPERIMENTS / "methods" / f"{method}.yaml"], bench_overrides(method, tiny, image_size))
+    layers = [EXPERIMENTS / "methods" / f"{method}.yaml"]
+    if ablation:
+        layers.append(EXPERIMENTS / "ablations" / f"{method}_{ablation}.yaml")
+    cfg = compose(layers, bench_overrides(method, tiny, image_size))
     return build_method(cfg.method), cfg
 
 
@@ -451,16 +465,17 @@ def measure_model(model: nn.Module, method: str, s: Settings, train_batch: int) 
     return row
 
 
-def measure_method(method: str, s: Settings) -> dict:
-    """Build ``method`` (random weights at paper size, or tiny) and measure it."""
+def measure_method(row: str, s: Settings) -> dict:
+    """Build ``row`` (a method, or ``method:ablation``; random weights at paper size, or tiny) and measure it."""
     torch.manual_seed(0)
+    method, ablation = split_row(row)
     size = s.image_size or (CPU_SIZES.get(method, CPU_SIZE) if s.device == "cpu" else None)
-    model, cfg = build_model(method, s.tiny, size)
+    model, cfg = build_model(method, s.tiny, size, ablation)
     if method == "entroad":
         fill_random_memory(model, s.memory_images)
     train_batch = s.train_batch or int(cfg.method.batch_size)
     try:
-        return measure_model(model, method, s, train_batch)
+        return measure_model(model, row, s, train_batch)
     finally:
         del model
         if torch.device(s.device).type == "cuda":
@@ -665,7 +680,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", default="results/throughput", help="output path without extension (.md and .json)"
     )
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_ROWS),
+        help=f"comma-separated rows: methods {METHODS}, or method:ablation (experiments/ablations/<method>_<ablation>.yaml)",
+    )
     p.add_argument("--batch", type=int, default=32, help="inference batch (halved on out-of-memory)")
     p.add_argument("--train-batch", type=int, default=None, help="training batch (default: the method's)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
@@ -695,7 +714,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--metric-size", type=int, default=None, help="map side for the metric bench (GPU: 518)")
     args = p.parse_args(argv)
-    unknown = [m for m in args.methods.split(",") if m and m not in METHODS]
+    from zsad.config import EXPERIMENTS
+
+    def known(row: str) -> bool:
+        method, ablation = split_row(row)
+        return method in METHODS and (
+            ablation is None or (EXPERIMENTS / "ablations" / f"{method}_{ablation}.yaml").is_file()
+        )
+
+    unknown = [m for m in args.methods.split(",") if m and not known(m)]
     if unknown:
         p.error(f"--methods: unknown {unknown}; expected some of {METHODS}")
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
