@@ -59,21 +59,11 @@ def test_test_from_checkpoint_alone_uses_its_config(tmp_path, dummy_method, caps
     """`zsad test checkpoint=PATH` needs no YAML: the checkpoint carries its resolved config."""
     import json
 
-    from zsad.config import compose
+    from tests_support import dummy_config
+
     from zsad.run import train
 
-    cfg = compose(
-        [],
-        [
-            "method.name=dummy",
-            "protocol=synthetic",
-            f"data.synthetic.root={tmp_path / 's'}",
-            f"out_dir={tmp_path / 'runs'}",
-            "trainer.accelerator=cpu",
-            "logger=none",
-            "trainer.enable_progress_bar=false",
-        ],
-    )
+    cfg = dummy_config(tmp_path)
     out = train(cfg)
     code = main(["test", f"checkpoint={out / 'checkpoints' / 'second.ckpt'}", "run_name=again"])
     assert code == 0 and "synthetic_objects" in capsys.readouterr().out

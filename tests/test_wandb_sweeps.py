@@ -38,23 +38,13 @@ def test_sweep_parameters_exist_in_the_schema(path):
 
 
 def test_offline_wandb_run_gets_tables_means_and_gallery(tmp_path, dummy_method, monkeypatch):
+    from tests_support import dummy_config
+
     from zsad.run import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    cfg = compose(
-        [],
-        [
-            "method.name=dummy",
-            "protocol=synthetic",
-            f"data.synthetic.root={tmp_path / 's'}",
-            f"out_dir={tmp_path / 'runs'}",
-            "trainer.accelerator=cpu",
-            "logger=wandb",
-            "trainer.enable_progress_bar=false",
-            "eval.gallery_per_category=2",
-        ],
-    )
+    cfg = dummy_config(tmp_path, "logger=wandb", "eval.gallery_per_category=2")
     out = train(cfg)
     files = list((out / "wandb").glob("offline-run-*/files"))
     assert len(files) == 1

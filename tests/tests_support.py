@@ -27,3 +27,17 @@ def batch_of(
         [f"{i}.png" for i in range(b)],
         torch.arange(b),
     )
+
+
+def dummy_config(tmp_path, *overrides: str):  # noqa: ANN001, ANN201 — a DictConfig
+    """The run config of the tiny ``dummy`` method on the synthetic protocol, everything under ``tmp_path``.
+
+    Needs the ``dummy_method`` fixture (conftest.py) so the registry knows ``dummy``.
+    """
+    from zsad.config import compose
+
+    return compose([], [
+        "method.name=dummy", "protocol=synthetic", f"data.synthetic.root={tmp_path / 's'}",
+        f"out_dir={tmp_path / 'runs'}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+        "logger=none", *overrides,
+    ])  # fmt: skip
