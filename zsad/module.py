@@ -133,6 +133,26 @@ class ZSADModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_identity(checkpoint, self.cfg.method.name, self.model.identity())
 
+    @classmethod
+    def from_checkpoint(cls, cfg: DictConfig, cache_dir: str | Path = ".cache/zsad") -> ZSADModule:
+        """The module of ``cfg.checkpoint`` ready to evaluate: built, loaded, stages replayed up to the saved one.
+
+        Seeds first: with ``pretrained: none`` the random frozen backbone must equal the training run's.
+        """
+        from zsad.config import ConfigError
+
+        if not cfg.checkpoint:
+            raise ConfigError("checkpoint: evaluation needs checkpoint=PATH (a zsad training checkpoint)")
+        L.seed_everything(int(cfg.seed), workers=True)
+        module = cls(cfg, cache_dir=cache_dir)
+        stage = module.load_trainable(cfg.checkpoint)["zsad"]["stage"]
+        for s in module.model.stages():  # as training ran them: select the stage, then its end-of-stage hook
+            module.set_stage(s.name)
+            module.model.on_stage_end(s.name)
+            if s.name == stage:
+                break
+        return module
+
     def load_trainable(self, path: str | Path) -> dict[str, Any]:
         """Load a checkpoint's trainable weights (after checking method and backbone identity)."""
         ckpt = torch.load(path, map_location="cpu", weights_only=False)

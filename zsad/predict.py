@@ -17,24 +17,6 @@ from zsad import config as C
 from zsad.module import ZSADModule
 
 
-def load_for_inference(cfg: DictConfig) -> ZSADModule:
-    """Build the method, load a checkpoint's trainable state and replay the stage hooks up to its stage."""
-    if not cfg.checkpoint:
-        raise C.ConfigError("checkpoint: predict needs checkpoint=PATH (a zsad training checkpoint)")
-    import lightning as L
-
-    L.seed_everything(int(cfg.seed), workers=True)  # random-weight backbones must match the training run
-    module = ZSADModule(cfg)
-    ckpt = module.load_trainable(cfg.checkpoint)
-    stage = ckpt["zsad"]["stage"]
-    for s in module.model.stages():
-        module.set_stage(s.name)
-        module.model.on_stage_end(s.name)
-        if s.name == stage:
-            break
-    return module.eval()
-
-
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Blend a [H,W] map (min-max scaled for display only) over an RGB uint8 image with the jet colour map."""
     from matplotlib import colormaps
@@ -55,7 +37,7 @@ def predict(
     )
     if not files:
         raise C.ConfigError(f"--images: no image files (png/jpg/bmp/tif) in {images}")
-    module = load_for_inference(cfg)
+    module = ZSADModule.from_checkpoint(cfg, cache_dir=Path(cfg.out_dir) / ".cache").eval()
     model = module.model
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -199,17 +199,7 @@ def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, log
     _fast_matmul()
     if module is None:
         C.save(cfg, out / "config.yaml")
-        # Seed before building: with `pretrained: none` the random frozen backbone must equal the training one.
-        L.seed_everything(int(cfg.seed), workers=True)
-        module = ZSADModule(cfg, cache_dir=Path(cfg.out_dir) / ".cache")
-        if not cfg.checkpoint:
-            raise C.ConfigError("checkpoint: `zsad test` needs checkpoint=PATH (a zsad training checkpoint)")
-        ckpt = module.load_trainable(cfg.checkpoint)
-        module.set_stage(ckpt["zsad"]["stage"])
-        for stage in module.model.stages():
-            module.model.on_stage_end(stage.name)
-            if stage.name == ckpt["zsad"]["stage"]:
-                break
+        module = ZSADModule.from_checkpoint(cfg, cache_dir=Path(cfg.out_dir) / ".cache")
     dm = datamodule or build_datamodule(cfg, module, with_train=False)
     evaluator = Evaluator(
         out, legacy_aupro=bool(cfg.eval.legacy_aupro), gallery_per_category=int(cfg.eval.gallery_per_category)

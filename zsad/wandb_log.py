@@ -38,7 +38,8 @@ def log_results(logger: Any, run_dir: Path, results: dict[str, Any]) -> None:
     from zsad.bench.plots import gallery
 
     exp = logger.experiment
-    payload: dict[str, Any] = dict(dataset_means(results))
+    means = dataset_means(results)
+    payload: dict[str, Any] = dict(means)
     payload["test/per_category"] = wandb.Table(
         columns=["dataset", "category", *METRIC_KEYS], data=category_rows(results)
     )
@@ -52,5 +53,5 @@ def log_results(logger: Any, run_dir: Path, results: dict[str, Any]) -> None:
                 if png is not None:
                     payload[f"gallery/{ds}"] = wandb.Image(str(png))
     exp.log(payload)
-    for key, value in dataset_means(results).items():
+    for key, value in means.items():
         exp.summary[key] = value
