@@ -262,3 +262,16 @@ def _leaves(node: object, prefix: str = "") -> list[tuple[str, object]]:
     if isinstance(node, dict):
         return [kv for k, v in node.items() for kv in _leaves(v, f"{prefix}.{k}")]
     return [(prefix, node)]
+
+
+def test_tiny_entry_takes_the_registry_presets_before_its_own_overrides(tmp_path: Path) -> None:
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(
+        "name: t\nprotocols: [synthetic]\nseeds: [0]\nmethods:\n"
+        "  - {name: mpa, config: experiments/methods/mpa.yaml, tiny: true, overrides: [method.dpam_start=2]}\n"
+    )
+    (entry,) = grid.load_spec(spec_file).methods
+    assert list(entry.overrides) == [*registry.tiny_overrides("mpa"), "method.dpam_start=2"]
+    (run,) = grid.expand(grid.load_spec(spec_file))
+    grid.compose_all([run])
+    assert run.cfg.method.clip.name == "tiny" and run.cfg.method.dpam_start == 2  # own override wins

@@ -11,7 +11,9 @@ Bench spec (``experiments/bench/*.yaml``)::
     methods:                             # one leaderboard row each, in this order
       - name: ava_dino                   # row label (unique)
         config: experiments/methods/ava_dino.yaml   # the method's YAML layer
-        overrides: [method.vision.name=tiny]        # key=value for this method only
+        tiny: true                       # optional: the tiny random-weight backbone presets
+                                         # (zsad.methods.registry.tiny_overrides), before `overrides`
+        overrides: [method.image_size=112]          # key=value for this method only
     protocols: [synthetic]               # each loads experiments/protocols/<p>.yaml (override protocol=<p>)
     seeds: [0]
     overrides: [trainer.max_epochs=1]    # key=value for every run
@@ -61,7 +63,7 @@ SPEC_KEYS = {
     "overrides",
     "ablations",
 }
-METHOD_KEYS = {"name", "config", "overrides"}
+METHOD_KEYS = {"name", "config", "overrides", "tiny"}
 # Keys that change how a run executes or logs, not its numbers: a finished run differing only here is reused.
 RUNTIME_KEYS = (
     "logger",
@@ -213,9 +215,12 @@ def _method_entry(m: Any, path: Path, i: int) -> MethodEntry:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; expected {sorted(METHOD_KEYS)}")
     over = m.get("overrides") or []
     _check_overrides(over, f"{where}.overrides")
-    return MethodEntry(
-        str(m["name"]), resolve_path(m["config"], f"{where}.config"), tuple(str(o) for o in over)
-    )
+    config = resolve_path(m["config"], f"{where}.config")
+    if m.get("tiny"):
+        from zsad.methods.registry import tiny_overrides
+
+        over = [*tiny_overrides(str(load_yaml(config).method.name)), *over]
+    return MethodEntry(str(m["name"]), config, tuple(str(o) for o in over))
 
 
 def _check_overrides(items: Any, where: str) -> None:
