@@ -47,7 +47,7 @@ def _checkpoint_config(path: Path) -> Path:
 
     if not path.is_file():
         raise ConfigError(f"checkpoint: {path} does not exist")
-    meta = torch.load(path, map_location="cpu", weights_only=False).get("zsad")
+    meta = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("zsad")  # config only
     if meta is None:
         raise ConfigError(f"checkpoint: {path} is not a zsad checkpoint (no 'zsad' metadata)")
     out = Path(tempfile.mkdtemp(prefix="zsad-ckpt-")) / "config.yaml"
