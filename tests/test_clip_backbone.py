@@ -134,14 +134,20 @@ def test_vv_path_matches_naive_reference(backbone, reference):
         pre = visual.ln_post(expected[t][:, 1:])
         torch.testing.assert_close(got_pre, pre, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(got, F.normalize(pre @ visual.proj, dim=-1), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(feats.global_embedding, visual.ln_post(x_ori[:, 0]) @ visual.proj)
+    # As AnomalyCLIP and MRAD: the original path's CLS straight into proj, no ln_post.
+    torch.testing.assert_close(feats.global_embedding, x_ori[:, 0] @ visual.proj)
 
 
 @torch.no_grad()
-def test_plain_clip_matches_open_clip_encode_image(backbone, reference):
+def test_plain_clip_matches_open_clip_encode_image(backbone, reference, weights_file):
     images = _images(NATIVE)
     feats = backbone.visual(images, taps=TAPS, dpam_start=None)
-    torch.testing.assert_close(feats.global_embedding, reference.encode_image(images), atol=1e-5, rtol=1e-4)
+    # open_clip's encode_image applies ln_post to the CLS: the global_ln_post switch reproduces it, the default
+    # (the reference codes' x_ori[CLS] @ proj) does not.
+    with_ln = build_clip("tiny", str(weights_file), text=False, image_size=70, global_ln_post=True).visual
+    got = with_ln(images, taps=TAPS, dpam_start=None).global_embedding
+    torch.testing.assert_close(got, reference.encode_image(images), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(feats.global_embedding, reference.encode_image(images), atol=1e-3)
     # Plain CLIP taps read the original path: the last tap is the final block's tokens through ln_post + proj.
     x = reference.visual.transformer(_naive_embed(reference.visual, images))
     last = F.normalize(reference.visual.ln_post(x[:, 1:]) @ reference.visual.proj, dim=-1)
@@ -193,6 +199,48 @@ def test_attention_probabilities_are_float32_under_autocast():
         got = _attention_probs(q, k)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_pos_embed_resize_is_bilinear_by_default(weights_file):
+    """The reference codes: F.interpolate(mode='bilinear') of the native grid, align_corners False, no antialias."""
+    default = build_clip("tiny", str(weights_file), text=False, image_size=70).visual
+    bicubic = build_clip("tiny", str(weights_file), text=False, image_size=70, pos_interp="bicubic").visual
+    pos = default.vit.positional_embedding.detach()
+    g0 = default.native_grid
+    grid = (5, 5)
+    # Hand computation of bilinear, align_corners=False: source coordinate (i + 0.5)·s/d − 0.5, clamped at 0.
+    src = pos[1:].reshape(*g0, -1)
+
+    def coords(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp_min(0)
+        lo = x.floor().long().clamp_max(n_in - 1)
+        return lo, (lo + 1).clamp_max(n_in - 1), x - lo
+
+    y0, y1, wy = coords(grid[0], g0[0])
+    x0, x1, wx = coords(grid[1], g0[1])
+    s = src.double()
+    top = s[y0][:, x0] * (1 - wx)[None, :, None] + s[y0][:, x1] * wx[None, :, None]
+    bot = s[y1][:, x0] * (1 - wx)[None, :, None] + s[y1][:, x1] * wx[None, :, None]
+    want = top * (1 - wy)[:, None, None] + bot * wy[:, None, None]
+    got = default.pos_embed(grid, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(got[0], pos[0])  # the CLS row is kept
+    torch.testing.assert_close(got[1:].double(), want.reshape(grid[0] * grid[1], -1), atol=1e-6, rtol=1e-6)
+    other = bicubic.pos_embed(grid, torch.device("cpu"), torch.float32)
+    assert not torch.allclose(other[1:], got[1:], atol=1e-4)
+    assert build_clip("tiny", text=False, image_size=70).identity()["pos_interp"] == "bilinear"
+
+
+def test_vision_switches_are_validated_and_part_of_the_identity():
+    with pytest.raises(ValueError, match=r"method\.clip\.pos_interp.*'nearest'"):
+        build_clip("tiny", text=False, pos_interp="nearest")
+    with pytest.raises(ValueError, match=r"method\.clip\.global_ln_post"):
+        build_clip("tiny", text=False, global_ln_post="yes")
+    base = build_clip("tiny", text=False, image_size=70).identity()
+    assert base["pos_interp"] == "bilinear" and base["global_ln_post"] is False
+    assert build_clip("tiny", text=False, image_size=70, pos_interp="bicubic").identity() != base
+    assert build_clip("tiny", text=False, image_size=70, global_ln_post=True).identity() != base
+    # A text tower has no positional grid to resize.
+    assert "pos_interp" not in build_clip("tiny", vision=False).identity()
 
 
 def test_pos_embed_interpolated_once_per_size(weights_file):

@@ -57,6 +57,18 @@ class BackboneConfig:
 
 
 @dataclass
+class CLIPBackboneConfig(BackboneConfig):
+    """The frozen CLIP of the CLIP-substrate methods, with the two places where code families differ.
+
+    The defaults follow AnomalyCLIP's and MRAD's public code (``specs/clip_substrate.md``); the other values are
+    ablations (``experiments/ablations/anomalyclip_pos_bicubic.yaml``, ``…_global_ln_post.yaml``).
+    """
+
+    pos_interp: str = "bilinear"  # bilinear (reference) | bicubic: 24×24 → 37×37 positional-embedding resize
+    global_ln_post: bool = False  # False (reference): global embedding x_ori[CLS] @ proj; True: ln_post first
+
+
+@dataclass
 class MethodConfig:
     """Fields every method has. Each method extends it with its own dataclass."""
 

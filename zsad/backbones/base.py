@@ -15,7 +15,8 @@ class VisionFeatures:
         patch_tokens: one [B, N, C] tensor per tap (N = gh*gw). CLIP: V-V-path tokens through ``ln_post`` + ``proj``,
             L2-normalised, C = joint dim. DINOv3: tokens after the final norm, C = width (no standardisation).
         cls_tokens: one [B, C'] tensor per tap (DINOv3: CLS after final norm) or ``None``.
-        global_embedding: [B, D] CLIP image embedding (original path, ``ln_post`` + ``proj``, not normalised), or None.
+        global_embedding: [B, D] CLIP image embedding (original path's CLS ``@ proj``, by default without ``ln_post``
+            as in the reference codes; not normalised), or None.
         grid: (gh, gw) patch grid.
         pre_proj_tokens: one [B, N, width] tensor per tap: CLIP V-V tokens after ``ln_post``, before ``proj``
             (EntroAD's memory keys read these). ``None`` unless asked for.

@@ -5,6 +5,10 @@ OpenAI checkpoint file, or ``none`` for random weights), builds only the towers 
 :class:`CLIPBackbone` holding a :class:`CLIPVision` and/or a :class:`CLIPText`. The forwards are written here on top
 of open_clip's modules (weights, LayerNorms, MLPs) so that the V-V path, attention taps and deep prompts need no
 hooks; every attention that is not asked for as probabilities runs through ``scaled_dot_product_attention``.
+
+Two defaults follow the reference codes (AnomalyCLIP, MRAD) and are switches of ``build_clip``: the native 24×24
+positional grid is resized **bilinearly** to other input sizes (``pos_interp``), and the global image embedding is
+the original path's CLS ``@ proj`` **without** ``ln_post`` (``global_ln_post``).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ _SHARED_KEYS = {"logit_scale", "logit_bias", "input_resolution", "context_length
 
 VVMlp = Callable[[int, nn.Module, Tensor], "Tensor | None"]
 ATTN_REDUCE = ("none", "mean_heads")
+# Resize of the native positional grid to another input size. AnomalyCLIP and MRAD use bilinear (align_corners
+# False, no antialias); bicubic is kept as an ablation (it moves every tap by ~3.5 % at 24×24 → 37×37).
+POS_INTERP = ("bilinear", "bicubic")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,6 +119,9 @@ class CLIPVision(nn.Module):
         heads: attention heads per block.
         n_blocks: number of transformer blocks.
         mean, std: CLIP's input normalisation.
+        pos_interp: ``bilinear`` (the reference codes) or ``bicubic``: how the native positional grid is resized.
+        global_ln_post: whether the global embedding goes through ``ln_post`` before ``proj`` (the reference codes
+            do not: ``x_ori[CLS] @ proj``; only tapped patch tokens go through ``ln_post``).
         head_chunk: heads per chunk when attention probabilities are head-averaged (``attn_reduce``).
     """
 
@@ -123,8 +133,13 @@ class CLIPVision(nn.Module):
         image_size: int = 518,
         mean: Sequence[float] = OPENAI_DATASET_MEAN,
         std: Sequence[float] = OPENAI_DATASET_STD,
+        *,
+        pos_interp: str = "bilinear",
+        global_ln_post: bool = False,
     ) -> None:
         super().__init__()
+        if pos_interp not in POS_INTERP:
+            raise ValueError(f"CLIP pos_interp must be one of {POS_INTERP}, got {pos_interp!r}")
         if getattr(vit, "attn_pool", None) is not None or vit.pool_type != "tok" or vit.proj is None:
             raise ValueError(
                 "CLIPVision supports CLIP ViTs with CLS-token pooling and a projection (no attn pool)"
@@ -146,6 +161,8 @@ class CLIPVision(nn.Module):
         self.n_blocks = len(vit.transformer.resblocks)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.pos_interp = pos_interp
+        self.global_ln_post = bool(global_ln_post)
         self._pos_cache: dict[tuple, Tensor] = {}
         vit.requires_grad_(False)
         vit.eval()
@@ -165,7 +182,10 @@ class CLIPVision(nn.Module):
         return super().train(False)
 
     def pos_embed(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> Tensor:
-        """[1 + gh*gw, width] positional embedding for ``grid``, bicubically resized from the native grid once.
+        """[1 + gh*gw, width] positional embedding for ``grid``, resized from the native grid once.
+
+        The patch rows are resized with ``pos_interp`` (``align_corners=False``, no antialias, as
+        ``F.interpolate`` does by default in the reference codes); the CLS row is kept.
 
         Cached per (grid, device, dtype); the cache key also holds the parameter's version counter so that
         reloading weights in place invalidates it.
@@ -182,7 +202,7 @@ class CLIPVision(nn.Module):
                 cls, patches = pos[:1], pos[1:]
                 gh0, gw0 = self.native_grid
                 patches = patches.reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2)
-                patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+                patches = F.interpolate(patches, size=grid, mode=self.pos_interp, align_corners=False)
                 patches = patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
                 pos = torch.cat([cls, patches])
             cached = pos.to(device=device, dtype=dtype).clone()
@@ -290,8 +310,8 @@ class CLIPVision(nn.Module):
 
         Returns:
             ``VisionFeatures`` with ``patch_tokens`` (L2-normalised [B, N, embed_dim] per tap), ``grid``,
-            ``global_embedding`` ([B, embed_dim], ``ln_post(CLS) @ proj`` of the original path, not normalised) and,
-            when asked, ``pre_proj_tokens`` and ``attentions``.
+            ``global_embedding`` ([B, embed_dim], the original path's CLS ``@ proj`` — through ``ln_post`` first only
+            when ``global_ln_post`` — not normalised) and, when asked, ``pre_proj_tokens`` and ``attentions``.
         """
         taps = self._check_args(taps, dpam_start, vv_mlp)
         if attn_reduce not in ATTN_REDUCE:
@@ -326,7 +346,8 @@ class CLIPVision(nn.Module):
                 attentions[i] = probs
         vit = self.vit
         with torch.no_grad():
-            global_embedding = vit.ln_post(x_ori[:, 0]) @ vit.proj
+            cls = x_ori[:, 0]
+            global_embedding = (vit.ln_post(cls) if self.global_ln_post else cls) @ vit.proj
         patch_tokens, pre_tokens = [], []
         for t in taps:
             z = vit.ln_post(tapped[t][:, 1:])
@@ -484,14 +505,22 @@ class CLIPBackbone(nn.Module):
         return super().train(False)
 
     def identity(self) -> dict[str, Any]:
-        """Name, weight source, activation and input size: a checkpoint refuses to load onto another backbone."""
-        return {
+        """Name, weight source, activation, input size and the vision switches.
+
+        A checkpoint refuses to load onto another backbone; the positional resize and the global ``ln_post`` change
+        every feature, so a vision tower's identity holds them too (text-only towers have neither).
+        """
+        ident: dict[str, Any] = {
             "kind": "clip",
             "name": self.name,
             "pretrained": self.pretrained,
             "quick_gelu": self.quick_gelu,
             "image_size": self.visual.image_size if self.visual is not None else None,
         }
+        if self.visual is not None:
+            ident["pos_interp"] = self.visual.pos_interp
+            ident["global_ln_post"] = self.visual.global_ln_post
+        return ident
 
 
 def build_clip(
@@ -504,6 +533,8 @@ def build_clip(
     image_size: int = 518,
     config_key: str = DEFAULT_KEY,
     cache_dir: str | None = None,
+    pos_interp: str = "bilinear",
+    global_ln_post: bool = False,
 ) -> CLIPBackbone:
     """Build frozen CLIP towers from an open_clip model config and resolve their weights.
 
@@ -521,6 +552,10 @@ def build_clip(
         image_size: default input side of the vision tower (multiple of the patch size).
         config_key: config key named in weight errors.
         cache_dir: open_clip / Hugging Face cache folder for tags (default: the libraries' defaults).
+        pos_interp: resize of the native positional grid to other input sizes: ``bilinear`` (AnomalyCLIP, MRAD)
+            or ``bicubic`` (ablation).
+        global_ln_post: ``False`` (AnomalyCLIP, MRAD): the global embedding is ``x_ori[CLS] @ proj``; ``True``:
+            ``ln_post(x_ori[CLS]) @ proj`` as open_clip's ``encode_image`` does (ablation).
 
     Raises:
         WeightsError: the weights cannot be found, read or do not fit the architecture.
@@ -528,6 +563,11 @@ def build_clip(
     """
     if not (vision or text):
         raise ValueError("build_clip: ask for at least one tower (vision and/or text)")
+    prefix = config_key.rsplit(".", 1)[0]
+    if pos_interp not in POS_INTERP:
+        raise ValueError(f"{prefix}.pos_interp: {pos_interp!r}; expected one of {list(POS_INTERP)}")
+    if not isinstance(global_ln_post, bool):
+        raise ValueError(f"{prefix}.global_ln_post: expected true or false, got {global_ln_post!r}")
     cfg = _model_config(name, config_key)
     source = str(pretrained).strip()
     tag_cfg = {} if source.lower() == "none" or name == "tiny" else open_clip.get_pretrained_cfg(name, source)
@@ -546,7 +586,16 @@ def build_clip(
     mean = tag_cfg.get("mean", OPENAI_DATASET_MEAN)
     std = tag_cfg.get("std", OPENAI_DATASET_STD)
     return CLIPBackbone(
-        CLIPVision(vit, image_size=image_size, mean=mean, std=std) if vit is not None else None,
+        CLIPVision(
+            vit,
+            image_size=image_size,
+            mean=mean,
+            std=std,
+            pos_interp=pos_interp,
+            global_ln_post=global_ln_post,
+        )
+        if vit is not None
+        else None,
         CLIPText(txt) if txt is not None else None,
         name=name,
         pretrained=source,

@@ -8,7 +8,12 @@ the global embedding.
 Per tap l and level p: S^{l,p} = softmax_c(⟨F^{l,p}_i, t_c^p⟩ / T), c ∈ {normal, anomalous}.
 Loss: λ · Σ_l Σ_p [Focal(S^{l,p}, G) + Dice(S_a^{l,p}, G) + Dice(S_n^{l,p}, 1−G)] + CE(⟨g, t^G⟩ / T, y), with
 λ = ``seg_weight`` (1 in the spec; the public AnomalyCLIP code uses 4).
-Test map: mean_{l,p} (S_a + 1 − S_n)/2, bilinear to the input size, Gaussian σ on the device.
+Test map: mean (``map_reduce: sum`` as the public code: sum) over l, p of (S_a + 1 − S_n)/2, bilinear to the input
+size, Gaussian σ on the device.
+
+``experiments/ablations/anomalyclip_faithful.yaml`` switches on every behaviour of the public code at once (sum of
+maps, λ = 4, fp16 rounding of the deep text prompts; the CLIP defaults already follow it) and reproduces its outputs
+(``tests/test_parity_anomalyclip.py``).
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from torch import Tensor
 
 from data_modules.types import Batch
 from zsad.backbones.base import VisionFeatures
-from zsad.config import BackboneConfig, MethodConfig, OptimConfig, StageConfig
+from zsad.config import CLIPBackboneConfig, MethodConfig, OptimConfig, StageConfig
 from zsad.losses import segmentation_loss
 from zsad.maps import gaussian_blur, image_score, tokens_to_grid, upsample
 from zsad.methods.base import ZSADMethod
 from zsad.types import AnomalyOutput
 
 SCORE_RULES = ("global", "max", "mean_topk")
+MAP_REDUCE = ("mean", "sum")
 
 
 @dataclass
@@ -46,8 +52,8 @@ class AnomalyCLIPConfig(MethodConfig):
             "main": StageConfig(epochs=15, optim=OptimConfig(name="adam", lr=1e-3, betas=[0.5, 0.999]))
         }
     )
-    clip: BackboneConfig = field(
-        default_factory=lambda: BackboneConfig(name="ViT-L-14-336-quickgelu", pretrained="openai")
+    clip: CLIPBackboneConfig = field(
+        default_factory=lambda: CLIPBackboneConfig(name="ViT-L-14-336-quickgelu", pretrained="openai")
     )
     taps: list[int] = field(default_factory=lambda: [6, 12, 18, 24])  # 1-based blocks
     dpam_start: int | None = 6  # first block (1-based) with the V-V path; null = no DPAM
@@ -59,6 +65,13 @@ class AnomalyCLIPConfig(MethodConfig):
     # Weight of the summed segmentation terms against the image CE. The spec's formula has none (1.0); the public
     # AnomalyCLIP train.py (commit 76b83e1) multiplies them by ``lam = 4`` before adding the CE.
     seg_weight: float = 1.0
+    # How the per-tap (and per-level) maps combine into the test map: mean (the spec; a map in [0, 1]) or sum (the
+    # public test.py; [0, L·P]). Same ranking either way, but the absolute map values differ.
+    map_reduce: str = "mean"
+    # The public code casts every deep text prompt to fp16 in each text forward (AnomalyCLIP.py, the expanded
+    # per-prompt copy ``.half()``): the text encoder sees them rounded, and each prompt copy's gradient is rounded
+    # to fp16 before the copies are summed in fp32. True reproduces that; False keeps them in full precision.
+    deep_prompt_fp16: bool = False
 
 
 class AnomalyCLIP(ZSADMethod):
@@ -76,7 +89,13 @@ class AnomalyCLIP(ZSADMethod):
 
         super().__init__(cfg)
         self._check_config()
-        self.clip = build_clip(cfg.clip.name, cfg.clip.pretrained, image_size=int(cfg.image_size))
+        self.clip = build_clip(
+            cfg.clip.name,
+            cfg.clip.pretrained,
+            image_size=int(cfg.image_size),
+            pos_interp=str(cfg.clip.pos_interp),
+            global_ln_post=bool(cfg.clip.global_ln_post),
+        )
         self.clip.requires_grad_(False)
         self.clip.eval()
         self.mean = tuple(self.clip.visual.mean)
@@ -91,6 +110,7 @@ class AnomalyCLIP(ZSADMethod):
             n_ctx=int(cfg.n_ctx),
             depth=int(cfg.deep_depth),
             n_deep=int(cfg.deep_len),
+            deep_fp16=bool(cfg.deep_prompt_fp16),
         )
         # Eval-time cache of the prompts' text features; cleared when training resumes or weights are loaded.
         self.register_buffer("_text_cache", None, persistent=False)
@@ -104,6 +124,8 @@ class AnomalyCLIP(ZSADMethod):
             raise ValueError("method.taps: at least one block must be tapped")
         if float(self.cfg.seg_weight) < 0:
             raise ValueError(f"method.seg_weight: must be ≥ 0, got {self.cfg.seg_weight}")
+        if self.cfg.map_reduce not in MAP_REDUCE:
+            raise ValueError(f"method.map_reduce: {self.cfg.map_reduce!r}; expected one of {MAP_REDUCE}")
 
     def kernels(self) -> list[int]:
         """Pooling kernel of each perception level (AnomalyCLIP: one level, no pooling)."""
@@ -174,13 +196,19 @@ class AnomalyCLIP(ZSADMethod):
         g = F.normalize(embedding.float(), dim=-1)
         return g @ pair.float().t() / self.cfg.temperature
 
-    def anomaly_map(self, probs: Tensor, size: tuple[int, int]) -> Tensor:
-        """mean_{l,p} (S_a + 1 − S_n)/2 → bilinear to ``size`` → Gaussian σ. [B, H, W] float32.
+    def raw_map(self, probs: Tensor, size: tuple[int, int]) -> Tensor:
+        """mean (or sum, ``map_reduce``) over l, p of (S_a + 1 − S_n)/2, bilinear to ``size``. [B, H, W] float32.
 
-        Bilinear resizing is linear, so averaging before resizing gives the same map as resizing every level.
+        Bilinear resizing is linear, so reducing before resizing gives the same map as resizing every level (the
+        public code resizes first; the difference is float32 rounding) at 1/(L·P) of the cost.
         """
-        m = ((probs[:, :, :, 1] + 1.0 - probs[:, :, :, 0]) / 2).mean((1, 2))
-        return gaussian_blur(upsample(m, size), float(self.cfg.smoothing_sigma))
+        m = (probs[:, :, :, 1] + 1.0 - probs[:, :, :, 0]) / 2
+        m = m.sum((1, 2)) if self.cfg.map_reduce == "sum" else m.mean((1, 2))
+        return upsample(m, size)
+
+    def anomaly_map(self, probs: Tensor, size: tuple[int, int]) -> Tensor:
+        """The test map: :meth:`raw_map` → Gaussian σ (scipy's ``gaussian_filter`` rule, on the device)."""
+        return gaussian_blur(self.raw_map(probs, size), float(self.cfg.smoothing_sigma))
 
     def score(self, amap: Tensor, global_prob: Tensor) -> Tensor:
         if self.cfg.score_rule == "global":

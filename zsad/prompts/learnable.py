@@ -37,6 +37,9 @@ class PromptLearner(nn.Module):
             vectors themselves). Clipped to the tower's layer count.
         n_deep: deep tokens per layer (4); they replace positions 1..n_deep, so ``n_deep <= n_ctx``.
         init_std: std of the N(0, std²) initialisation of context and deep tokens.
+        deep_fp16: reproduce AnomalyCLIP's fp16 cast of the deep tokens: each prompt gets its own copy rounded to
+            fp16 in the forward, and in the backward each copy's gradient is rounded to fp16 before the copies are
+            summed in fp32 (the parameters themselves stay fp32).
 
     Attributes:
         ctx: [n_sets, 2, n_ctx, width] learnable context (index 0 normal, 1 anomalous).
@@ -53,6 +56,7 @@ class PromptLearner(nn.Module):
         depth: int = 9,
         n_deep: int = 4,
         init_std: float = 0.02,
+        deep_fp16: bool = False,
     ) -> None:
         super().__init__()
         if len(templates) != 2:
@@ -67,6 +71,7 @@ class PromptLearner(nn.Module):
         self.n_sets, self.n_ctx, self.n_deep = n_sets, n_ctx, n_deep
         self.depth = max(1, min(depth, text.n_layers))
         self.templates = tuple(templates)
+        self.deep_fp16 = bool(deep_fp16)
         self.ctx = nn.Parameter(torch.empty(n_sets, 2, n_ctx, width))
         nn.init.normal_(self.ctx, std=init_std)
         self.deep: nn.Parameter | None = None
@@ -109,7 +114,12 @@ class PromptLearner(nn.Module):
         suffix = self.suffix.to(ctx.dtype).expand(b, s, -1, -1, -1)
         embeds = torch.cat([prefix, ctx, suffix], dim=-2).reshape(b * s * 2, -1, width)
         eot = self.eot_index.expand(b, s, 2).reshape(-1)
-        feats = text.encode_embeddings(embeds, eot, deep_prompts=self.deep)
+        deep = self.deep
+        if deep is not None and self.deep_fp16:
+            # As AnomalyCLIP's text blocks do: expand to one copy per prompt, then round. .half() rounds the forward;
+            # the backward of .float() rounds each copy's gradient to fp16 and expand's backward sums them in fp32.
+            deep = deep.expand(embeds.shape[0], *deep.shape).half().float()
+        feats = text.encode_embeddings(embeds, eot, deep_prompts=deep)
         return feats.view(s, 2, -1) if bias is None else feats.view(b, s, 2, -1)
 
     def _check_bias(self, bias: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zsad.config import BackboneConfig, MethodConfig, OptimConfig, StageConfig
+from zsad.config import CLIPBackboneConfig, MethodConfig, OptimConfig, StageConfig
 
 
 def _stages() -> dict[str, StageConfig]:
@@ -25,8 +25,8 @@ class EntroADConfig(MethodConfig):
     smoothing_sigma: float = 4.0
     score_rule: str = "mean_topk"  # map part of the image score: mean_topk | max
     stages: dict[str, StageConfig] = field(default_factory=_stages)
-    clip: BackboneConfig = field(
-        default_factory=lambda: BackboneConfig(name="ViT-L-14-336-quickgelu", pretrained="openai")
+    clip: CLIPBackboneConfig = field(
+        default_factory=lambda: CLIPBackboneConfig(name="ViT-L-14-336-quickgelu", pretrained="openai")
     )
     taps: list[int] = field(default_factory=lambda: [6, 12, 18, 24])  # 1-based; the last one is "tap 24"
     dpam_start: int | None = 2  # MRAD/EntroAD: V-V path from block 2

@@ -88,7 +88,13 @@ class EntroAD(ZSADMethod):
 
         super().__init__(cfg)
         _check_config(cfg)
-        self.clip = build_clip(cfg.clip.name, cfg.clip.pretrained, image_size=int(cfg.image_size))
+        self.clip = build_clip(
+            cfg.clip.name,
+            cfg.clip.pretrained,
+            image_size=int(cfg.image_size),
+            pos_interp=str(cfg.clip.pos_interp),
+            global_ln_post=bool(cfg.clip.global_ln_post),
+        )
         self.clip.requires_grad_(False)
         self.clip.eval()
         vis, txt = self.clip.visual, self.clip.text
