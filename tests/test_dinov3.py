@@ -101,26 +101,169 @@ def test_saved_weights_reload_by_path_exactly(tiny, tmp_path):
     assert loaded.identity()["pretrained"] == str(path)
 
 
-def test_meta_checkpoint_loads_through_timm_filter(tiny, tmp_path):
-    """A state dict in Meta's DINOv3 naming (storage_tokens, ls1.gamma, masked qkv bias …) loads and matches."""
+def _tiny_qkvb(seed: int = 1) -> torch.nn.Module:
+    """The tiny preset with q/v biases, random weights and random non-zero q/v biases (the reference model)."""
+    import timm
+
+    preset = dict(TINY_PRESET)
+    arch = preset.pop("base") + "_qkvb"
+    torch.manual_seed(seed)
+    m = timm.create_model(arch, pretrained=False, num_classes=0, **preset).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.q_bias.normal_(0.0, 0.5)
+            blk.attn.v_bias.normal_(0.0, 0.5)
+    return m
+
+
+def _meta_state(model: torch.nn.Module, periods: torch.Tensor, k_bias: float = 0.7) -> dict:
+    """``model``'s weights in Meta's DINOv3 format, written by hand (Meta names, fused masked qkv bias).
+
+    The k third of every ``qkv.bias`` is non-zero (``k_bias``) and masked out by ``bias_mask``, as in Meta's
+    ``LinearKMaskedBias``; periods are stored in bf16 as in Meta's released files.
+    """
     meta = {}
-    for k, v in tiny.model.state_dict().items():
+    for k, v in model.state_dict().items():
+        if k.endswith(("attn.q_bias", "attn.v_bias")):
+            continue
         k = (
             k.replace("reg_token", "storage_tokens")
             .replace("gamma_1", "ls1.gamma")
             .replace("gamma_2", "ls2.gamma")
         )
         meta[k] = v.clone()
-        if k.endswith("attn.qkv.weight"):
-            meta[k.replace("weight", "bias")] = torch.zeros(v.shape[0])
-            meta[k.replace("weight", "bias_mask")] = torch.ones(v.shape[0])
-    meta["mask_token"] = torch.zeros(1, 64)
-    meta["rope_embed.periods"] = torch.ones(4)
+    for i, blk in enumerate(model.blocks):
+        q, v = blk.attn.q_bias.detach(), blk.attn.v_bias.detach()
+        meta[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.full_like(q, k_bias), v])
+        meta[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat(
+            [torch.ones_like(q), torch.zeros_like(q), torch.ones_like(v)]
+        )
+    meta["mask_token"] = torch.randn(1, model.embed_dim)
+    meta["rope_embed.periods"] = periods.to(torch.bfloat16)
+    return meta
+
+
+def _checkpoint_periods(model: torch.nn.Module) -> torch.Tensor:
+    # Meta's released files store the periods rounded to bf16: they differ from timm's float32 recomputation.
+    periods = model.rope.periods.detach().to(torch.bfloat16)
+    assert not torch.equal(periods.float(), model.rope.periods)
+    return periods
+
+
+def _reference(model: torch.nn.Module, periods: torch.Tensor, x: torch.Tensor, tap: int) -> torch.Tensor:
+    """Tap ``tap`` (1-based) of ``model`` with ``periods`` written into its RoPE by hand."""
+    with torch.no_grad():
+        saved = model.rope.periods.clone()
+        model.rope.periods.copy_(periods.float())
+        t, rope = model._pos_embed(model.patch_embed(x))
+        for blk in model.blocks[:tap]:
+            t = blk(t, rope=rope)
+        model.rope.periods.copy_(saved)
+        return model.norm(t)
+
+
+def test_meta_checkpoint_honours_periods_and_qv_biases(tmp_path, capsys):
+    """A Meta file with bf16 RoPE periods and non-zero q/v biases reproduces the hand-set reference exactly."""
+    ref = _tiny_qkvb()
+    periods = _checkpoint_periods(ref)
     path = tmp_path / "dinov3_tiny_meta.pth"
+    torch.save(_meta_state(ref, periods), path)
+    loaded = build_dinov3("tiny", str(path))
+    assert (
+        "q_bias" not in capsys.readouterr().out
+    )  # timm's filter used to print 24 of these and drop the biases
+    x = _images(64, 96)
+    feats = loaded(x, taps=(2, 4))
+    for i, tap in enumerate((2, 4)):
+        want = _reference(ref, periods, x, tap)
+        assert torch.equal(feats.cls_tokens[i], want[:, 0])
+        assert torch.equal(feats.patch_tokens[i], want[:, 5:])
+    # Both must matter, else this test could not fail: timm's own periods, or biases dropped, give other tokens.
+    with torch.no_grad():
+        assert not torch.equal(_reference(ref, ref.rope.periods, x, 4)[:, 5:], feats.patch_tokens[1])
+        for blk in ref.blocks:
+            blk.attn.q_bias.zero_()
+            blk.attn.v_bias.zero_()
+    assert not torch.allclose(_reference(ref, periods, x, 4)[:, 5:], feats.patch_tokens[1], atol=1e-3)
+
+
+def test_checkpoint_periods_survive_casts_and_moves(tmp_path):
+    ref = _tiny_qkvb()
+    periods = _checkpoint_periods(ref)
+    path = tmp_path / "meta.pth"
+    torch.save(_meta_state(ref, periods), path)
+    loaded = build_dinov3("tiny", str(path))
+    assert torch.equal(loaded.model.rope.periods, periods.float())
+    loaded.to(torch.bfloat16)  # timm recomputes the periods from its temperature on a downcast
+    assert torch.equal(loaded.model.rope.periods.float(), periods.float())
+    loaded.to(torch.float32)
+    assert torch.equal(loaded.model.rope.periods, periods.float())
+
+
+def test_meta_mask_is_applied_like_linear_k_masked_bias(tmp_path):
+    """The effective bias is qkv.bias * bias_mask: a mask that switches q entries off switches them off."""
+    ref = _tiny_qkvb()
+    periods = ref.rope.periods.to(torch.bfloat16)
+    meta = _meta_state(ref, periods)
+    width = ref.embed_dim
+    meta["blocks.1.attn.qkv.bias_mask"][: width // 2] = 0.0
+    path = tmp_path / "meta.pth"
     torch.save(meta, path)
     loaded = build_dinov3("tiny", str(path))
+    q = loaded.model.blocks[1].attn.q_bias
+    assert torch.equal(q[: width // 2], torch.zeros(width // 2))
+    assert torch.equal(q[width // 2 :], ref.blocks[1].attn.q_bias[width // 2 :])
+    assert torch.equal(loaded.model.blocks[1].attn.v_bias, ref.blocks[1].attn.v_bias)
+
+
+def test_meta_file_without_mask_and_zero_k_bias_loads(tmp_path):
+    ref = _tiny_qkvb()
+    meta = _meta_state(ref, ref.rope.periods, k_bias=0.0)
+    meta = {k: v for k, v in meta.items() if not k.endswith("bias_mask")}
+    path = tmp_path / "meta.pth"
+    torch.save(meta, path)
     x = _images(64, 64)
-    assert torch.equal(loaded(x, taps=TAPS).patch_tokens[2], tiny(x, taps=TAPS).patch_tokens[2])
+    got = build_dinov3("tiny", str(path))(x, taps=(3,)).patch_tokens[0]
+    assert torch.equal(got, _reference(ref, ref.rope.periods.to(torch.bfloat16), x, 3)[:, 5:])
+
+
+@pytest.mark.parametrize(
+    "case", ["unmasked_k_bias", "mask_keeps_k", "unknown_key", "orphan_mask", "bad_periods"]
+)
+def test_meta_file_that_cannot_be_honoured_names_the_key(tmp_path, case):
+    ref = _tiny_qkvb()
+    meta = _meta_state(ref, ref.rope.periods)
+    key = {
+        "unmasked_k_bias": "blocks.2.attn.qkv.bias",
+        "mask_keeps_k": "blocks.0.attn.qkv.bias",
+        "unknown_key": "blocks.0.attn.extra_scale",
+        "orphan_mask": "blocks.9.attn.qkv.bias_mask",
+        "bad_periods": "rope_embed.periods",
+    }[case]
+    if case == "unmasked_k_bias":
+        del meta["blocks.2.attn.qkv.bias_mask"]  # a plain Linear bias: the k third (0.7) would act
+    elif case == "mask_keeps_k":
+        meta["blocks.0.attn.qkv.bias_mask"][:] = 1.0
+    elif case == "unknown_key":
+        meta[key] = torch.ones(3)
+    elif case == "orphan_mask":
+        meta[key] = torch.ones(192)
+    else:
+        meta[key] = torch.ones(7)
+    path = tmp_path / "meta.pth"
+    torch.save(meta, path)
+    with pytest.raises(WeightsError, match=key.replace(".", r"\.")) as info:
+        build_dinov3("tiny", str(path))
+    assert "method.vision.pretrained" in str(info.value)
+
+
+def test_timm_file_with_qv_biases_loads_into_the_qkvb_variant(tmp_path):
+    ref = _tiny_qkvb()
+    path = tmp_path / "timm_qkvb.pth"
+    torch.save(ref.state_dict(), path)
+    x = _images(64, 64)
+    got = build_dinov3("tiny", str(path))(x, taps=(4,)).patch_tokens[0]
+    assert torch.equal(got, _reference(ref, ref.rope.periods, x, 4)[:, 5:])
 
 
 def test_missing_or_wrong_file_names_the_key(tmp_path):
