@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from data_modules.dataset import ZSADDataset, collate
 from data_modules.errors import DataError
 from data_modules.readers import read, tasks_of
-from data_modules.types import Sample
+from data_modules.types import CLASS_NAME_SOURCES, MASK_RESIZE_RULES, Sample, check_choice
 
 
 @dataclass
@@ -98,6 +98,8 @@ class ZSADDataModule(L.LightningDataModule):
         seed: seeds the training shuffle and the workers.
         cache_dir: when set, every dataset is decoded and resized once into a ``ResizedCache`` under this folder
             (``data.cache_resized``) and read from memmaps afterwards; ``None`` decodes every time.
+        class_name: the prompts' class-name source, ``cleaned`` or ``reference_path`` (``data.class_name``).
+        mask_resize: the mask-resize rule, ``float`` or ``uint8`` (``data.mask_resize``).
     """
 
     def __init__(
@@ -115,8 +117,13 @@ class ZSADDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
         seed: int = 0,
         cache_dir: str | Path | None = None,
+        class_name: str = "cleaned",
+        mask_resize: str = "float",
     ) -> None:
         super().__init__()
+        # Checked here, not first in a loader worker: a wrong value stops before any data is read.
+        self.class_name = check_choice("data.class_name", class_name, CLASS_NAME_SOURCES)
+        self.mask_resize = check_choice("data.mask_resize", mask_resize, MASK_RESIZE_RULES)
         self.train_spec = train
         self.test_specs = list(test)
         self.image_size = image_size
@@ -162,6 +169,8 @@ class ZSADDataModule(L.LightningDataModule):
             with_masks,
             cache_dir=self.cache_dir,
             cache_workers=self.num_workers,
+            class_name=self.class_name,
+            mask_resize=self.mask_resize,
         )
 
     def _loader_kwargs(self) -> dict[str, object]:

@@ -17,8 +17,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from data_modules.errors import DataError
 from data_modules.imageio import load_image, load_mask
-from data_modules.types import Batch, Sample
+from data_modules.types import CLASS_NAME_SOURCES, MASK_RESIZE_RULES, Batch, Sample, check_choice
 
 INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC,  # CLIP's own preprocessing
@@ -35,12 +36,37 @@ def resize_image(image: np.ndarray, size: int, interpolation: str) -> np.ndarray
     return np.asarray(Image.fromarray(image).resize((size, size), INTERPOLATIONS[interpolation]))
 
 
-def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """Resize a binary mask: bilinear on 0/1 floats, then ``> 0.5`` (the metric protocol's rule)."""
+def resize_mask(mask: np.ndarray, size: int, rule: str = "float") -> np.ndarray:
+    """Resize a binary mask to ``size × size`` with PIL bilinear, then threshold at one half.
+
+    Args:
+        mask: bool [H, W].
+        size: square side.
+        rule: ``float`` resizes the 0/1 mask as float32 and keeps ``> 0.5`` (exact-half pixels drop out);
+            ``uint8`` resizes it as a 0/255 mode-L image, as the official AVA-DINO loader does, and keeps
+            ``/255 > 0.5``: the uint8 image rounds an exact half (127.5) to 128, so those pixels stay foreground.
+    """
+    check_choice("data.mask_resize", rule, MASK_RESIZE_RULES)
     if mask.shape[0] == size and mask.shape[1] == size:
         return mask
+    if rule == "uint8":
+        gray = Image.fromarray(mask.astype(np.uint8) * np.uint8(255), mode="L")
+        soft = gray.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(soft, dtype=np.float32) / np.float32(255.0) > 0.5
     soft = Image.fromarray(mask.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(soft) > 0.5
+
+
+def reference_class_name(image_path: str | Path) -> str:
+    """AVA-DINO's official class name: ``image_path.split('/')[-4]``, used raw (no cleaning).
+
+    That is the category folder of an MVTec-layout path (``metal_nut/test/good/000.png`` → ``metal_nut``), but
+    ``Data`` for every VisA image (``candle/Data/Images/Anomaly/000.JPG``) and ``01`` for BTAD.
+    """
+    parts = Path(image_path).as_posix().split("/")
+    if len(parts) < 4:
+        raise DataError(f"data.class_name=reference_path needs at least 4 path components, got {image_path}")
+    return parts[-4]
 
 
 CACHE_VERSION = 1
@@ -54,14 +80,20 @@ def _file_stamp(path: str | Path | None) -> list[Any] | None:
 
 
 def resized_cache_key(
-    samples: Sequence[Sample], image_size: int, interpolation: str, with_masks: bool
+    samples: Sequence[Sample],
+    image_size: int,
+    interpolation: str,
+    with_masks: bool,
+    mask_resize: str = "float",
 ) -> str:
-    """SHA-1 of everything that decides the cached pixels: files (path, size, mtime), side, resampling, masks."""
+    """SHA-1 of everything that decides the cached pixels: files (path, size, mtime), side, resampling, masks and
+    the mask-resize rule."""
     desc = {
         "version": CACHE_VERSION,
         "size": int(image_size),
         "interpolation": interpolation,
         "with_masks": bool(with_masks),
+        "mask_resize": mask_resize,
         "files": [
             [_file_stamp(s.image_path), _file_stamp(s.mask_path) if with_masks else None] for s in samples
         ],
@@ -72,11 +104,14 @@ def resized_cache_key(
 class _Decode(Dataset):
     """Decode + resize one sample to uint8 pixels (and a bool mask); fills the cache in loader workers."""
 
-    def __init__(self, samples: Sequence[Sample], size: int, interpolation: str, with_masks: bool) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], size: int, interpolation: str, with_masks: bool, mask_resize: str
+    ) -> None:
         self.samples = samples
         self.size = size
         self.interpolation = interpolation
         self.with_masks = with_masks
+        self.mask_resize = mask_resize
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -86,7 +121,7 @@ class _Decode(Dataset):
         image = resize_image(load_image(s.image_path), self.size, self.interpolation)
         mask = None
         if self.with_masks and s.mask_path is not None:
-            mask = resize_mask(load_mask(s.mask_path), self.size)
+            mask = resize_mask(load_mask(s.mask_path), self.size, self.mask_resize)
         return index, image, mask
 
 
@@ -99,7 +134,7 @@ class ResizedCache:
 
     The folder ``<root>/resized_<size>_<interpolation>_<key>`` holds ``images.npy`` (uint8 [N, S, S, 3]) and, for
     datasets with pixel labels, ``masks.npy`` (bool [N, S, S]). The key covers every file's path, size and mtime,
-    the side and the resampling, so a changed file or setting builds a new folder. The folder appears by an atomic
+    the side, the resampling and the mask-resize rule, so a changed file or setting builds a new folder. The folder appears by an atomic
     rename once complete, so an interrupted build is never read. Memmaps are opened lazily in each process (a
     loader worker maps the file itself instead of receiving a pickled copy of the pixels).
 
@@ -109,6 +144,7 @@ class ResizedCache:
         interpolation: image resampling name (see ``INTERPOLATIONS``).
         with_masks: whether masks are cached.
         root: cache folder (created if needed).
+        mask_resize: mask-resize rule (see ``resize_mask``).
     """
 
     def __init__(
@@ -118,12 +154,14 @@ class ResizedCache:
         interpolation: str,
         with_masks: bool,
         root: str | Path,
+        mask_resize: str = "float",
     ) -> None:
         self.samples = list(samples)
         self.size = int(image_size)
         self.interpolation = interpolation
         self.with_masks = with_masks
-        key = resized_cache_key(self.samples, self.size, interpolation, with_masks)
+        self.mask_resize = check_choice("data.mask_resize", mask_resize, MASK_RESIZE_RULES)
+        key = resized_cache_key(self.samples, self.size, interpolation, with_masks, self.mask_resize)
         self.folder = Path(root) / f"resized_{self.size}_{interpolation}_{key[:20]}"
         self._images: np.ndarray | None = None
         self._masks: np.ndarray | None = None
@@ -146,7 +184,7 @@ class ResizedCache:
         if self.with_masks:
             masks = np.lib.format.open_memmap(tmp / "masks.npy", mode="w+", dtype=np.bool_, shape=(n, s, s))
         loader = DataLoader(
-            _Decode(self.samples, s, self.interpolation, self.with_masks),
+            _Decode(self.samples, s, self.interpolation, self.with_masks, self.mask_resize),
             batch_size=None,
             num_workers=num_workers,
             collate_fn=_keep,
@@ -204,6 +242,9 @@ class ZSADDataset(Dataset):
         cache_dir: folder of a :class:`ResizedCache` (decode and resize once, then read memmaps), or ``None`` to
             decode and resize every time. Items are identical either way.
         cache_workers: loader workers that fill the cache on its first use.
+        class_name: where an item's ``class_name`` (the prompts' object name) comes from: ``cleaned`` (the
+            reader's) or ``reference_path`` (AVA-DINO's path rule, see ``reference_class_name``).
+        mask_resize: ``float`` or ``uint8`` (the official loaders' rule), see ``resize_mask``.
     """
 
     def __init__(
@@ -216,6 +257,8 @@ class ZSADDataset(Dataset):
         with_masks: bool = True,
         cache_dir: str | Path | None = None,
         cache_workers: int = 0,
+        class_name: str = "cleaned",
+        mask_resize: str = "float",
     ) -> None:
         if interpolation not in INTERPOLATIONS:
             raise ValueError(
@@ -227,11 +270,15 @@ class ZSADDataset(Dataset):
         self.image_size = int(image_size)
         self.interpolation = interpolation
         self.with_masks = with_masks
+        self.class_name = check_choice("data.class_name", class_name, CLASS_NAME_SOURCES)
+        self.mask_resize = check_choice("data.mask_resize", mask_resize, MASK_RESIZE_RULES)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.cache: ResizedCache | None = None
         if cache_dir is not None:
-            self.cache = ResizedCache(self.samples, self.image_size, interpolation, with_masks, cache_dir)
+            self.cache = ResizedCache(
+                self.samples, self.image_size, interpolation, with_masks, cache_dir, self.mask_resize
+            )
             self.cache.build(cache_workers)
 
     def __len__(self) -> int:
@@ -255,7 +302,8 @@ class ZSADDataset(Dataset):
         s = self.samples[index]
         if s.mask_path is None:
             return torch.zeros(1, self.image_size, self.image_size, dtype=torch.bool)
-        return torch.from_numpy(resize_mask(load_mask(s.mask_path), self.image_size).copy())[None]
+        mask = resize_mask(load_mask(s.mask_path), self.image_size, self.mask_resize)
+        return torch.from_numpy(mask.copy())[None]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.samples[index]
@@ -264,7 +312,9 @@ class ZSADDataset(Dataset):
             "mask": self._mask(index),
             "label": s.label,
             "category": s.category,
-            "class_name": s.class_name,
+            "class_name": (
+                s.class_name if self.class_name == "cleaned" else reference_class_name(s.image_path)
+            ),
             "dataset": s.dataset,
             "path": str(s.image_path),
             "index": index,

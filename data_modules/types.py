@@ -8,6 +8,24 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+# Where the text prompts' class name comes from (``data.class_name``):
+#   cleaned         the reader's cleaned name (``Sample.class_name``: "metal nut", "pcb", "product");
+#   reference_path  AVA-DINO's official rule ``image_path.split('/')[-4]``, raw: "metal_nut" for MVTec, "Data" for
+#                   every VisA image, "01" for BTAD (see ``data_modules.dataset.reference_class_name``).
+CLASS_NAME_SOURCES: tuple[str, ...] = ("cleaned", "reference_path")
+# How a mask is resized to the input size (``data.mask_resize``):
+#   float  bilinear on a 0/1 float mask, then > 0.5: exact-half pixels become background;
+#   uint8  the official AVA-DINO / AnomalyCLIP loaders' rule: bilinear on the 0/255 mask as a uint8 mode-L image,
+#          then /255 > 0.5: exact-half pixels (rounded to 128) become foreground.
+MASK_RESIZE_RULES: tuple[str, ...] = ("float", "uint8")
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` naming the config key and the choices."""
+    if value not in choices:
+        raise ValueError(f"{key}: unknown value {value!r}; expected one of {', '.join(choices)}")
+    return value
+
 
 @dataclass(frozen=True)
 class Sample:

@@ -113,6 +113,12 @@ class DataConfig:
         False  # decode + resize every image once into .npy memmaps (fast epochs on big images)
     )
     cache_dir: str = ".cache/resized"
+    # The prompts' class name: cleaned (the reader's: "metal nut") | reference_path (AVA-DINO's official
+    # image_path.split('/')[-4], raw: "metal_nut", "Data" for every VisA image, "01" for BTAD).
+    class_name: str = "cleaned"
+    # Mask resize: float (bilinear on 0/1, > 0.5; exact halves → background) | uint8 (the official loaders: bilinear
+    # on the 0/255 mode-L image, /255 > 0.5; exact halves → foreground).
+    mask_resize: str = "float"
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig())
 
 
@@ -235,7 +241,19 @@ def compose(layers: list[str | Path] = (), overrides: list[str] = ()) -> DictCon
         raise ConfigError(_explain(e)) from e
     if missing:
         raise ConfigError(f"required config keys not set: {', '.join(missing)}")
+    _check_data_choices(cfg)
     return cfg
+
+
+def _check_data_choices(cfg: DictConfig) -> None:
+    """The data options with a fixed set of values: a wrong one stops at compose time, naming the key."""
+    from data_modules.types import CLASS_NAME_SOURCES, MASK_RESIZE_RULES, check_choice
+
+    try:
+        check_choice("data.class_name", str(cfg.data.class_name), CLASS_NAME_SOURCES)
+        check_choice("data.mask_resize", str(cfg.data.mask_resize), MASK_RESIZE_RULES)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _explain(e: OmegaConfBaseException) -> str:

@@ -60,6 +60,8 @@ def build_datamodule(cfg: DictConfig, module: ZSADModule, with_train: bool = Tru
         persistent_workers=bool(cfg.data.persistent_workers),
         seed=int(cfg.seed),
         cache_dir=cfg.data.cache_dir if cfg.data.cache_resized else None,
+        class_name=str(cfg.data.class_name),
+        mask_resize=str(cfg.data.mask_resize),
     )
 
 
