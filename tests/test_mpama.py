@@ -289,8 +289,8 @@ def test_model_loss_adds_alpha_times_balance():
     batch = tiny_batch()
     out = model.train()(batch.image, batch)
     terms = model.loss(out, batch)
-    assert torch.allclose(terms["balance"], torch.tensor(0.25))
-    assert torch.allclose(terms["loss"], terms["seg"] + terms["ce"] + 0.25, atol=1e-5)
+    # stage moe optimises (and logs as `loss`) the segmentation terms and α·balance; the constant image CE is apart
+    assert torch.allclose(terms["loss"], terms["seg"] + terms["balance"], atol=1e-5)
     assert out.extras["expert_share"].shape == (3, 6)
     stats = model.log_stats(out)
     assert set(stats) == {

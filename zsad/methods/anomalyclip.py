@@ -250,8 +250,14 @@ class AnomalyCLIP(ZSADMethod):
         # Focal is a pixel mean and Dice a per-map mean, so one batched call × (L·P) is exactly Σ_l Σ_p.
         seg = segmentation_loss(maps, targets, both_dice=bool(self.cfg.both_dice)) * (n_taps * n_levels)
         ce = F.cross_entropy(output.loss_inputs["logits"], batch.label.long())
-        total = float(self.cfg.seg_weight) * seg + ce
+        total = float(self.cfg.seg_weight) * seg
+        if self.image_ce_trains():
+            total = total + ce
         return {"loss": total, "seg": seg.detach(), "ce": ce.detach()}
+
+    def image_ce_trains(self) -> bool:
+        """Whether the image CE is part of the optimised loss (MPAMA's stage moe: a constant, logged only)."""
+        return True
 
     def identity(self) -> dict[str, Any]:
         return {**self.clip.identity(), "image_size": self.input_size}

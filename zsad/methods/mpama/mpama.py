@@ -7,7 +7,8 @@ projected token f' = normalise(f + Σ g_e E_e(f)) (no frozen expert there: the b
 space).
 
 Stages: ``mpa`` trains the prompts only (no MoE in the forward); ``moe`` freezes the prompts, whose text features
-``on_stage_end("mpa")`` cached, and trains routers and experts only; ``joint: true`` replaces both by one stage
+``on_stage_end("mpa")`` cached, and trains routers and experts only on the segmentation terms + balance (+ z) loss —
+the image CE is constant there and only logged; ``joint: true`` replaces both by one stage
 ``joint`` that trains everything from the start.
 """
 
@@ -197,6 +198,11 @@ class MPAMA(MPA):
             return {}, {}
         balance, z_loss, shares = routing_stats(records)
         return {"expert_share": shares}, {"balance": balance, "z_loss": z_loss}
+
+    def image_ce_trains(self) -> bool:
+        # Stage moe: the CE reads the CLS of the frozen original path and the cached prompt features, so it is a
+        # constant; adding it would only offset the logged loss (it stays logged as ``ce``).
+        return self.stage != "moe"
 
     def loss(self, output: AnomalyOutput, batch: Batch) -> dict[str, Tensor]:
         terms = super().loss(output, batch)
