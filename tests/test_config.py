@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from zsad.config import ConfigError, compose, save
@@ -69,3 +70,42 @@ def test_resolved_config_round_trips(tmp_path, dummy_method):
     assert back.run_name == "x5" and back.method.width == cfg.method.width
     again = compose([path])
     assert OmegaConf.to_container(again) == OmegaConf.to_container(cfg)
+
+
+@pytest.mark.parametrize(
+    ("value", "want"), [("true", True), ("false", False), ("warn", "warn"), ("WARN", "warn")]
+)
+def test_trainer_deterministic_reaches_lightning(tmp_path, monkeypatch, dummy_method, value, want):
+    """true | false | warn; ``warn`` → Lightning's ``"warn"``: deterministic algorithms in warn-only mode."""
+    from zsad.config import trainer_deterministic
+    from zsad.run import make_trainer
+
+    a = _write(tmp_path, "a.yaml", "method: {name: dummy}\ntrainer: {accelerator: cpu}\n")
+    cfg = compose([a], [f"trainer.deterministic={value}"])
+    assert trainer_deterministic(cfg.trainer.deterministic) == want
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # Lightning sets it; restored after the test
+    try:
+        make_trainer(cfg, tmp_path)
+        assert torch.are_deterministic_algorithms_enabled() is (want is not False)
+        assert torch.is_deterministic_algorithms_warn_only_enabled() is (want == "warn")
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_trainer_deterministic_other_values_name_the_key(tmp_path, dummy_method):
+    a = _write(tmp_path, "a.yaml", "method: {name: dummy}\n")
+    for bad in ("maybe", "1"):
+        with pytest.raises(ConfigError, match="trainer.deterministic"):
+            compose([a], [f"trainer.deterministic={bad}"])
+
+
+def test_gpu_trainer_files_do_not_ask_for_strict_determinism():
+    """`true` raises at the first backward on CUDA (bilinear-upsample backward): non-CPU layers use false or warn."""
+    from zsad.config import EXPERIMENTS, trainer_deterministic
+
+    layers = sorted((EXPERIMENTS / "trainer").glob("*.yaml"))
+    assert {"gpu.yaml", "ddp.yaml"} <= {p.name for p in layers}
+    for path in layers:
+        cfg = compose([EXPERIMENTS / "methods" / "ava_dino.yaml", path])
+        if cfg.trainer.accelerator != "cpu":
+            assert trainer_deterministic(cfg.trainer.deterministic) in (False, "warn"), path.name

@@ -135,7 +135,10 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     gradient_clip_val: float | None = None
     enable_progress_bar: bool = True
-    deterministic: bool = False
+    # true | false | warn (Lightning's values). CUDA's bilinear-upsample backward, which every method's loss
+    # runs through, has no deterministic kernel: `true` raises at the first backward on a GPU; `warn` makes
+    # everything else deterministic and warns there. Validated by trainer_deterministic().
+    deterministic: Any = False
 
 
 @dataclass
@@ -241,6 +244,7 @@ def compose(layers: list[str | Path] = (), overrides: list[str] = ()) -> DictCon
         raise ConfigError(_explain(e)) from e
     if missing:
         raise ConfigError(f"required config keys not set: {', '.join(missing)}")
+    trainer_deterministic(cfg.trainer.deterministic)  # a wrong value stops here, naming the key
     _check_data_choices(cfg)
     return cfg
 
@@ -254,6 +258,19 @@ def _check_data_choices(cfg: DictConfig) -> None:
         check_choice("data.mask_resize", str(cfg.data.mask_resize), MASK_RESIZE_RULES)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def trainer_deterministic(value: Any) -> bool | str:
+    """``trainer.deterministic`` as Lightning takes it: ``True``, ``False`` or ``"warn"``.
+
+    Raises:
+        ConfigError: any other value, naming the key.
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "warn":
+        return "warn"
+    raise ConfigError(f"trainer.deterministic: expected true, false or warn, got {value!r}")
 
 
 def _explain(e: OmegaConfBaseException) -> str:

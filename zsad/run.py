@@ -131,7 +131,7 @@ def make_trainer(
         log_every_n_steps=t.log_every_n_steps,
         gradient_clip_val=t.gradient_clip_val,
         enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic,
+        deterministic=C.trainer_deterministic(t.deterministic),  # True | False | "warn"
         default_root_dir=str(out),
         logger=logger if logger is not None else False,
         callbacks=callbacks or [],
