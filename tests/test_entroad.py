@@ -134,6 +134,27 @@ def test_evaluating_a_memory_sample_is_refused(built, data):
             model(leaky.image, leaky)
 
 
+def test_a_copy_of_a_training_image_under_another_path_is_refused(built, data, tmp_path):
+    model, _ = built
+    model.eval()
+    source = data["train"][1]
+    copy = tmp_path / "elsewhere" / "renamed.png"
+    copy.parent.mkdir()
+    copy.write_bytes(Path(source.image_path).read_bytes())
+    same_size = tmp_path / "elsewhere" / "same_size.png"  # same size, other bytes: not a copy
+    blob = bytearray(copy.read_bytes())
+    blob[-20] ^= 0xFF
+    same_size.write_bytes(bytes(blob))
+    model.memory.check_disjoint([str(same_size), str(data["target"][0].image_path), "/no/such/file.png"])
+    leaky = _batch([data["target"][0], Sample("target", "cat", copy, None, 0, "good", "object")])
+    with torch.no_grad(), pytest.raises(MemoryLeak, match="same path or same file content"):
+        model(leaky.image, leaky)
+    # The digests come from the files: every source's size and content is in the memory.
+    sizes = {Path(s.image_path).stat().st_size for s in data["train"]}
+    assert set(model.memory.source_size.tolist()) == sizes
+    assert model.memory.source_content.shape == model.memory.source_hash.shape
+
+
 def test_memory_cache_is_reused_and_invalidated(data, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     first = _model()
@@ -200,20 +221,27 @@ def _train_steps(model: EntroAD, stage: str, batch, steps: int = 5, lr: float = 
     return losses
 
 
-def test_each_stage_lowers_its_loss_and_trains_only_its_parameters(built, data):
+def test_each_stage_trains_only_its_parameters(built, data):
     model, _ = built
     batch = _batch(data["train"])
-    prompts0 = model.prompts.ctx.detach().clone()
-    losses = _train_steps(model, "retrieval", batch)
-    assert losses[-1] < losses[0]
-    assert torch.equal(model.prompts.ctx, prompts0)  # stage 1 leaves the prompts alone
-    retrieval0 = [p.detach().clone() for p in model.retrieval.parameters()]
-    losses = _train_steps(model, "prompt", batch)
-    assert losses[-1] < losses[0]
-    assert all(
-        torch.equal(a, b) for a, b in zip(retrieval0, model.retrieval.parameters())
-    )  # retrieval frozen
-    assert not torch.equal(model.prompts.ctx, prompts0)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for stage, trained in (("retrieval", ("retrieval.",)), ("prompt", ("prompts.", "bias."))):
+        model.set_stage(stage)
+        model.train()
+        model.zero_grad(set_to_none=True)
+        model.loss(model(batch.image, batch), batch)["loss"].backward()
+        for name, p in model.named_parameters():
+            if name.startswith(trained):
+                assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, (stage, name)
+            else:
+                assert p.grad is None, (stage, name)
+        _train_steps(model, stage, batch, steps=1)
+        for name, p in model.named_parameters():
+            assert torch.equal(p, frozen[name]) != name.startswith(trained), (stage, name)
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # Both branches' contexts receive a gradient in the prompt stage.
+    grad = model.prompts.ctx.grad
+    assert grad[0].abs().sum() > 0 and grad[1].abs().sum() > 0
 
 
 def test_text_encoder_runs_once_per_step_for_all_images_and_branches(built, data, monkeypatch):
@@ -247,20 +275,6 @@ def test_extras_and_score(built, data):
     k = max(1, round(SIZE * SIZE * 0.01))
     topk = out.anomaly_map.flatten(1).topk(k, dim=1).values.mean(1)
     assert torch.allclose(out.image_score, 0.3 * topk + 0.7 * ex["p_img"], atol=1e-6)
-
-
-def test_gate_switch_and_no_entropy(data, built):
-    _, cache = built
-    batch = _batch(data["target"])
-    for over, check in [
-        ({"gate": False}, lambda ex: torch.equal(ex["gate"], torch.ones(3))),
-        ({"entropy": "none"}, lambda ex: torch.equal(ex["entropy_map"], torch.full((3, 4, 4), 0.5))),
-    ]:
-        model = _model(**over)
-        model.prepare(data["train"], cache, torch.device("cpu"))
-        model.eval()
-        with torch.no_grad():
-            assert check(model(batch.image, batch).extras)
 
 
 def test_z_is_projected_then_neighbour_averaged_then_normalised(built, data, monkeypatch):
@@ -316,7 +330,26 @@ def test_default_config_matches_the_spec():
     assert list(m.stages) == ["retrieval", "prompt"]
     assert (m.stages.retrieval.epochs, m.stages.prompt.epochs, m.stages.prompt.optim.lr) == (1, 5, 4e-4)
     assert (m.route_temperature, m.gate_tau, m.gate_k0, m.gate_k1) == (0.1, 0.5, 5.0, 50.0)
-    assert OmegaConf.to_container(m) == OmegaConf.to_container(OmegaConf.structured(EntroADConfig))
+    assert (m.stages.retrieval.optim.lr, list(m.stages.retrieval.optim.betas)) == (4e-4, [0.5, 0.999])
+    assert (m.patch_dropout_q, m.image_dropout_q, m.image_temperature, m.temperature) == (
+        0.8,
+        0.95,
+        0.07,
+        0.07,
+    )
+    assert (list(m.branch_weights), m.score_map_weight, m.topk_frac, m.smoothing_sigma) == (
+        [0.7, 0.3],
+        0.3,
+        0.01,
+        4.0,
+    )
+    assert (m.entropy, m.route_norm, m.n_ctx, m.deep_depth, m.deep_len, list(m.kernels)) == (
+        "row_entropy", "l1", 12, 9, 4, [1, 3, 5]
+    )  # fmt: skip
+    assert (m.gate, m.sim_dropout, m.entropy_split, m.confidence_fusion, m.single_branch) == (
+        True, True, False, False, False
+    )  # fmt: skip
+    assert (m.split_temperature, m.memory_regions) == (0.1, "pure")
 
 
 ABLATIONS = sorted((EXPERIMENTS / "ablations").glob("entroad_*.yaml"))
@@ -328,20 +361,3 @@ def test_every_ablation_changes_something(data):
     for path in ABLATIONS:
         method = OmegaConf.to_container(compose([EXPERIMENTS / "methods" / "entroad.yaml", path]).method)
         assert method != base, path.name
-
-
-@pytest.mark.parametrize(
-    "name",
-    ["entroad_two_level", "entroad_entropy_split", "entroad_confidence_fusion", "entroad_single_branch"],
-)
-def test_ablation_runs_on_the_tiny_preset(name, data, built):
-    _, cache = built
-    layer = OmegaConf.load(EXPERIMENTS / "ablations" / f"{name}.yaml").method
-    model = EntroAD(OmegaConf.merge(OmegaConf.structured(EntroADConfig), TINY, layer))
-    model.prepare(data["train"], cache, torch.device("cpu"))
-    batch = _batch(data["train"][:2])
-    model.set_stage("prompt")
-    model.train()
-    loss = model.loss(model(batch.image, batch), batch)["loss"]
-    loss.backward()
-    assert torch.isfinite(loss) and model.prompts.ctx.grad is not None

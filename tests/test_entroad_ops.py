@@ -46,9 +46,10 @@ def test_row_entropy_uniform_is_log_n_and_one_hot_is_zero():
 
 def test_patch_attention_drops_cls_averages_heads_and_renormalises():
     p = torch.tensor([[[0.25, 0.75], [1.0, 0.0]]])
+    q = torch.tensor([[[0.75, 0.25], [0.5, 0.5]]])
     attn = _attention_with_cls(p)
-    attn[:, 1] = attn[:, 0]
-    assert torch.allclose(patch_attention(attn), p, atol=1e-6)
+    attn[:, 1] = _attention_with_cls(q)[:, 0]  # a second head with another patch graph
+    assert torch.allclose(patch_attention(attn), (p + q) / 2, atol=1e-6)
 
 
 def test_entropy_rate_on_hand_made_graphs():
@@ -190,19 +191,70 @@ def test_mask_pooled_keys_inside_and_outside_the_mask():
     assert mask_pooled_keys(tokens, None, grid)[0].shape == (0, 2)
 
 
-def test_pure_regions_leave_defect_border_patches_out():
-    # 4 × 4 pixels on a 2 × 2 grid: each patch value is the mean of its 2 × 2 pixels (bilinear, factor 2).
+def _regions_by_loop(mask: torch.Tensor, side: int, coverage: float) -> tuple[list, list]:
+    """Per patch of a [H, W] 0/1 mask: (pure, coverage) labels 'n' / 'a' / '-' (neither), counted pixel by pixel.
+
+    Bilinear shrinking by the patch size p reads the pixels at p/2 - 1 and p/2 of each patch (source coordinate
+    (i + 0.5)·p - 0.5), so the pure rule's value is the mean of those 2 × 2 centre pixels.
+    """
+    p = mask.shape[0] // side
+    pure, cov = [], []
+    for i in range(side):
+        for j in range(side):
+            rows, cols = slice(i * p, (i + 1) * p), slice(j * p, (j + 1) * p)
+            centre = mask[
+                i * p + p // 2 - 1 : i * p + p // 2 + 1, j * p + p // 2 - 1 : j * p + p // 2 + 1
+            ].mean()
+            share = mask[rows, cols].mean()
+            pure.append("a" if centre == 1 else "n" if centre == 0 else "-")
+            cov.append("a" if share >= coverage else "n" if share == 0 else "-")
+    return pure, cov
+
+
+def _labels(regions: torch.Tensor) -> list:
+    """[2, N] boolean {normal, anomalous} regions → 'n' / 'a' / '-' per patch (never both)."""
+    normal, anomalous = regions[0].tolist(), regions[1].tolist()
+    assert not any(a and n for a, n in zip(anomalous, normal))
+    return ["a" if a else "n" if n else "-" for a, n in zip(anomalous, normal)]
+
+
+def test_pure_and_coverage_regions_at_518_to_37():
+    masks = torch.zeros(3, 1, 518, 518)
+    masks[0, 0, :, :46] = 1.0  # patch column 3 (px 42..55) holds 4 defect px per row: centre (48, 49) outside
+    masks[1, 0, :, :49] = 1.0  # column 3 half covered (7 of 14 px): centre pixel 48 in, 49 out
+    yy, xx = torch.meshgrid(torch.arange(518.0), torch.arange(518.0), indexing="ij")
+    masks[2, 0] = ((yy - 250.0) ** 2 + (xx - 270.0) ** 2 < 90.0**2).float()  # a disc
+    pure = patch_regions(masks, (37, 37), "pure")
+    cov = patch_regions(masks, (37, 37), "coverage", coverage=0.5)
+    labels = [(_labels(pure[b]), _labels(cov[b])) for b in range(3)]
+    for b in range(3):
+        assert labels[b] == _regions_by_loop(masks[b, 0], 37, 0.5), b
+    col3 = [r * 37 + 3 for r in range(37)]
+    assert {labels[0][0][i] for i in col3} == {"n"} and {labels[0][1][i] for i in col3} == {"-"}
+    assert {labels[1][0][i] for i in col3} == {"-"} and {labels[1][1][i] for i in col3} == {"a"}
+    # The disc: the centre-pixel rule calls nearly every border patch normal or anomalous; coverage leaves each
+    # partly covered patch (< 50 %) out, so the two memories differ on most of the border ring.
+    pure_d, cov_d = labels[2]
+    border = sum(lbl == "-" for lbl in cov_d)
+    differ = sum(a != b for a, b in zip(pure_d, cov_d))
+    assert sum(lbl == "-" for lbl in pure_d) <= 4 and border >= 20 and differ >= 0.8 * border
+    # A higher coverage threshold moves half-covered patches out of the anomalous region.
+    strict = patch_regions(masks, (37, 37), "coverage", coverage=0.75)
+    assert {_labels(strict[1])[i] for i in col3} == {"-"}
+
+
+def test_mask_pooled_keys_leave_out_patches_in_neither_region():
+    # 4 × 4 pixels on a 2 × 2 grid: the top-right patch holds 1 defect pixel of 4 (coverage 0.25).
     masks = torch.zeros(1, 1, 4, 4)
     masks[0, 0, :2, :2] = 1.0  # top-left patch fully inside
-    masks[0, 0, :2, 2] = 0.7  # top-right patch half covered (binarised at 0.5 first) → resized value 0.5
-    pure = patch_regions(masks, (2, 2), "pure")
-    thr = patch_regions(masks, (2, 2), "threshold")
-    assert pure.tolist() == [[[False, False, True, True], [True, False, False, False]]]
-    assert thr.tolist() == [[[False, True, True, True], [True, False, False, False]]]
+    masks[0, 0, 0, 2] = 1.0
     tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [0.0, 4.0]]])
-    keys, values = mask_pooled_keys(tokens, masks > 0.5, (2, 2), rule="pure")
-    # The border patch (token [0, 1]) joins neither key; the normal key is the mean of the bottom row only.
+    keys, values = mask_pooled_keys(tokens, masks > 0.5, (2, 2), rule="coverage", coverage=0.5)
+    # The partly covered patch (token [0, 1]) joins neither key; the normal key is the mean of the bottom row.
     assert torch.allclose(values, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    assert torch.allclose(keys, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    # At 2 px per patch the pure rule's 2 × 2 centre is the whole patch: it leaves it out too.
+    keys, _ = mask_pooled_keys(tokens, masks > 0.5, (2, 2), rule="pure")
     assert torch.allclose(keys, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
     with pytest.raises(ValueError, match="memory_regions"):
         patch_regions(masks, (2, 2), "soft")

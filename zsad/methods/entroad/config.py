@@ -36,9 +36,10 @@ class EntroADConfig(MethodConfig):
     mask_threshold: float = (
         0.5  # pixel GT binarised at this value before the bilinear resize to the patch grid
     )
-    memory_regions: str = (
-        "pure"  # pure (MRAD: resized mask == 1 / == 0, border patches in neither) | threshold
-    )
+    # pure (MRAD: bilinear-resized mask == 1 / == 0, i.e. a patch takes its centre's label) | coverage (anomalous
+    # where the defect covers >= region_coverage of the patch, normal where it covers none, in between neither)
+    memory_regions: str = "pure"
+    region_coverage: float = 0.5
     memory_batch_size: int = 16
     memory_workers: int = 4
     memory_bf16: bool = True  # bf16 autocast for the memory pass on CUDA (ignored on CPU)

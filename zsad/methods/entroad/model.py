@@ -41,6 +41,7 @@ from zsad.types import AnomalyOutput
 
 log = logging.getLogger("zsad")
 STAGES = ("retrieval", "prompt")
+_FUSION_EPS = 1e-6  # share of the fixed branch weights in the confidence fusion (see EntroAD.fuse)
 
 
 class Retrieval(nn.Module):
@@ -140,6 +141,7 @@ class EntroAD(ZSADMethod):
             "dpam_start": self.cfg.dpam_start,
             "mask_threshold": float(self.cfg.mask_threshold),
             "memory_regions": str(self.cfg.memory_regions),
+            "region_coverage": float(self.cfg.region_coverage),
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
@@ -172,6 +174,7 @@ class EntroAD(ZSADMethod):
                 float(self.cfg.mask_threshold),
                 device,
                 str(self.cfg.memory_regions),
+                float(self.cfg.region_coverage),
             )
             M.save_cached(path, key, mem)
         else:
@@ -354,8 +357,11 @@ class EntroAD(ZSADMethod):
             ent = -(
                 torch.special.xlogy(up[:, :, 0], up[:, :, 0]) + torch.special.xlogy(up[:, :, 1], up[:, :, 1])
             )
-            c = 1.0 - ent / math.log(2.0)
-            return (c * maps).sum(1) / c.sum(1).clamp_min(1e-6)
+            # A small share of the fixed weights keeps Σ c > 0 where no branch is confident (both at 0.5): the map
+            # falls back to the fixed fusion there instead of collapsing to 0.
+            fixed = self.branch_weights.to(maps.dtype).view(1, s, 1, 1)
+            c = (1.0 - ent / math.log(2.0)).clamp_min(0.0) + _FUSION_EPS * fixed
+            return (c * maps).sum(1) / c.sum(1)
         return torch.einsum("bshw,s->bhw", maps, self.branch_weights.to(maps.dtype))
 
     # --- loss ------------------------------------------------------------------------------------------------------
@@ -407,10 +413,13 @@ def _check_config(cfg: Any) -> None:
         )
     if not cfg.taps:
         raise ValueError("method.taps: at least one block must be tapped")
-    if len(cfg.branch_weights) != 2:
+    if len(cfg.branch_weights) != 2 or min(cfg.branch_weights) < 0 or sum(cfg.branch_weights) <= 0:
         raise ValueError(
-            f"method.branch_weights: two weights (branch A, branch B) expected, got {list(cfg.branch_weights)}"
+            "method.branch_weights: two non-negative weights (branch A, branch B), not both 0, expected, "
+            f"got {list(cfg.branch_weights)}"
         )
+    if not 0.0 < float(cfg.region_coverage) <= 1.0:
+        raise ValueError(f"method.region_coverage: a defect share in (0, 1], got {cfg.region_coverage}")
     if cfg.memory_regions not in M.REGION_RULES:
         raise ValueError(
             f"method.memory_regions: {cfg.memory_regions!r}; expected one of {', '.join(M.REGION_RULES)}"
