@@ -28,7 +28,7 @@ from zsad.config import OptimConfig, StageConfig
 from zsad.methods.base import Stage
 from zsad.methods.mpama.moe import Routing, TokenMoE, routing_stats
 from zsad.methods.mpama.mpa import MPA, MPAConfig
-from zsad.types import AnomalyOutput
+from zsad.types import AnomalyOutput, ExtraSpec
 
 PLACEMENTS = ("slot", "after")
 MOE_STAGES = ("moe", "joint")
@@ -56,6 +56,9 @@ class MPAMAConfig(MPAConfig):
     z_loss_weight: float = 0.0  # router z-loss weight (the spec's optional 1e-3)
     moe_placement: str = "slot"  # slot (MLP slot of the V-V path) | after (on the projected tapped tokens)
     moe_layers: list[int] | None = None  # 1-based blocks with a MoE (slot placement); null = the taps
+    # Slot placement in every V-V block dpam_start .. last tap (ViT-L: 6..24, 19 routers) instead of the taps; a
+    # depth-free spelling of moe_layers that also holds on the 4-block tiny preset.
+    moe_every_vv_block: bool = False
     # Frozen-expert dispatch: gather (routed tokens only, one host sync per layer) | dense (sync-free, same result).
     frozen_dispatch: str = "gather"
     joint: bool = False  # one stage `joint` training prompts and MoE together (ablation)
@@ -67,9 +70,7 @@ class MPAMA(MPA):
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         placement = cfg.moe_placement
-        self.moe_blocks = [
-            int(t) for t in (cfg.taps if placement == "after" else (cfg.moe_layers or cfg.taps))
-        ]
+        self.moe_blocks = self._moe_block_list()
         self._check_moe_config()
         visual = self.clip.visual
         self.moe = TokenMoE(
@@ -89,6 +90,18 @@ class MPAMA(MPA):
         self.register_buffer("frozen_text", None, persistent=False)
         self.register_load_state_dict_post_hook(lambda module, keys: module.clear_frozen_text())
 
+    def _moe_block_list(self) -> list[int]:
+        """1-based blocks with a MoE: the taps (placement after, or by default), ``moe_layers``, or every V-V block."""
+        cfg = self.cfg
+        taps = [int(t) for t in cfg.taps]
+        if cfg.moe_every_vv_block and cfg.moe_layers:
+            raise ValueError("method.moe_every_vv_block: set it or method.moe_layers, not both")
+        if cfg.moe_placement == "after":
+            return taps
+        if cfg.moe_every_vv_block and cfg.dpam_start is not None:
+            return list(range(int(cfg.dpam_start), max(taps) + 1))
+        return [int(b) for b in cfg.moe_layers] if cfg.moe_layers else taps
+
     def _check_moe_config(self) -> None:
         cfg = self.cfg
         if cfg.moe_placement not in PLACEMENTS:
@@ -99,8 +112,12 @@ class MPAMA(MPA):
                     "method.use_frozen_expert: the frozen expert (a block MLP) cannot act on projected tokens; "
                     "set it to false with moe_placement: after"
                 )
-            if cfg.moe_layers and [int(b) for b in cfg.moe_layers] != self.moe_blocks:
-                raise ValueError("method.moe_layers: with moe_placement: after the MoE layers are the taps")
+            if cfg.moe_every_vv_block or (
+                cfg.moe_layers and [int(b) for b in cfg.moe_layers] != self.moe_blocks
+            ):
+                raise ValueError(
+                    "method.moe_layers / moe_every_vv_block: with moe_placement: after the MoE layers are the taps"
+                )
             return
         start, last = cfg.dpam_start, max(int(t) for t in cfg.taps)
         if start is None:
@@ -214,6 +231,12 @@ class MPAMA(MPA):
         terms["balance"] = balance.detach()
         terms["z_loss"] = z_loss.detach()
         return terms
+
+    def extra_specs(self) -> dict[str, ExtraSpec]:
+        """``expert_share`` [MoE layers, experts]: one table per batch (rows sum to 1), never per image."""
+        rows = tuple(str(b) for b in self.moe_blocks)
+        spec = ExtraSpec("batch_table", rows=rows, cols=tuple(self.moe.names), row_name="block", col_name="expert")
+        return {"expert_share": spec}
 
     def log_stats(self, output: AnomalyOutput) -> dict[str, Tensor | float]:
         """Per-layer expert token shares: ``share/l{block}/{expert}`` (expert ∈ zero, frozen, l0 …).
