@@ -1,4 +1,4 @@
-"""``zsad train | test | bench | predict | data`` — the command line.
+"""``zsad train | test | bench | predict | convert | data`` — the command line.
 
 Configs are YAML layers plus ``key=value`` overrides, in order::
 
@@ -119,6 +119,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from zsad.convert import ConversionError, convert
+
+    layers, overrides = _split(args.config)
+    try:
+        out = convert(args.method, Path(args.official), Path(args.out), overrides=overrides, layers=layers)
+    except ConversionError as e:
+        print(f"zsad convert: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote zsad checkpoint {out}")
+    print(f"evaluate it with: zsad test checkpoint={out} protocol=… (or data=…)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zsad", description="Zero-shot anomaly detection: train, test, benchmark."
@@ -154,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output folder for the overlays")
     r.add_argument("--class-name", default="object", help="class name shown to the text prompts")
     r.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser(
+        "convert",
+        help="turn an official checkpoint into a zsad checkpoint (config + trainable weights + backbone identity)",
+    )
+    c.add_argument("method", help="method whose official checkpoint this is (anomalyclip, ava_dino)")
+    c.add_argument("official", help="the official checkpoint file (AnomalyCLIP: epoch_N.pth of its train.py)")
+    c.add_argument("out", help="the zsad checkpoint to write")
+    c.add_argument(
+        "config",
+        nargs="*",
+        help="key=value overrides (and YAML layers) after experiments/methods/METHOD.yaml + "
+        "experiments/ablations/METHOD_faithful.yaml, e.g. method.clip.pretrained=ViT-L-14-336px.pt",
+    )
+    c.set_defaults(func=cmd_convert)
 
     from data_modules.cli import register
 
