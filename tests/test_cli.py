@@ -11,7 +11,7 @@ from zsad.cli import main
 
 
 @pytest.mark.parametrize(
-    "argv", [[], ["train"], ["test"], ["bench"], ["predict"], ["data"], ["data", "check"]]
+    "argv", [[], ["train"], ["test"], ["bench"], ["predict"], ["convert"], ["data"], ["data", "check"]]
 )
 def test_help_pages(argv, capsys):
     with pytest.raises(SystemExit) as exc:
