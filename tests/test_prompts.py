@@ -158,3 +158,28 @@ def test_deep_prompts_follow_anomalyclip_semantics(text):
     # the first n_deep context vectors still matter: layer 0 reads them (random moves: LayerNorm hides constants)
     learner.ctx[:, :, :4] += torch.randn(2, 2, 4, text.width, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(learner(text), feats, atol=1e-4)
+
+
+def test_deep_fp16_rounds_each_prompt_copy_forward_and_backward(text):
+    """AnomalyCLIP's ``expand(P, …).half()``: the forward sees the deep tokens rounded to fp16; the gradient of each
+    prompt's copy is rounded to fp16 and the P copies are summed in fp32. Recomputed with a per-prompt leaf."""
+    plain = _learner(text, depth=3, n_deep=4)
+    rounded = _learner(text, depth=3, n_deep=4, deep_fp16=True)
+    with torch.no_grad():  # magnitudes where fp16 rounding is visible
+        for learner in (plain, rounded):
+            learner.deep.copy_(torch.randn(learner.deep.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    n_prompts = 2
+    weights = torch.randn(n_prompts, text.embed_dim, generator=torch.Generator().manual_seed(3))
+    out = rounded(text)[0]
+    (out * weights).sum().backward()
+    # Reference: one fp32 leaf per prompt holding the fp16-rounded values.
+    copies = rounded.deep.detach().half().float().expand(n_prompts, -1, -1, -1).clone().requires_grad_(True)
+    embeds = torch.cat([rounded.prefix, rounded.ctx[0].detach(), rounded.suffix], dim=1)
+    ref = text.encode_embeddings(embeds, rounded.eot_index, deep_prompts=copies)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    (ref * weights).sum().backward()
+    want = copies.grad.half().float().sum(0)
+    assert torch.equal(rounded.deep.grad, want)
+    # Without the switch: unrounded forward, and the gradient is the plain fp32 sum (differs from the rounded one).
+    assert not torch.equal(plain(text)[0], out)
+    assert not torch.equal(copies.grad.sum(0), want)
