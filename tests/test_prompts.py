@@ -167,7 +167,9 @@ def test_deep_fp16_rounds_each_prompt_copy_forward_and_backward(text):
     rounded = _learner(text, depth=3, n_deep=4, deep_fp16=True)
     with torch.no_grad():  # magnitudes where fp16 rounding is visible
         for learner in (plain, rounded):
-            learner.deep.copy_(torch.randn(learner.deep.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+            learner.deep.copy_(
+                torch.randn(learner.deep.shape, generator=torch.Generator().manual_seed(2)) * 0.3
+            )
     n_prompts = 2
     weights = torch.randn(n_prompts, text.embed_dim, generator=torch.Generator().manual_seed(3))
     out = rounded(text)[0]
