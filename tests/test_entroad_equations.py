@@ -141,6 +141,11 @@ def _model(**over) -> EntroAD:
             layer.bias.copy_(torch.randn(layer.bias.shape, generator=g) * 0.1)
         # Prompt biases of a few units: the branch maps then differ visibly between images and branches.
         model.bias.weight.mul_(20.0)
+        # Sharper random attention (q, k × 3): ê then spans ~0.5 nats instead of ~0.03, so its min-max does not
+        # amplify float rounding into the tolerance.
+        width = model.clip.visual.width
+        for block in model.clip.visual.blocks:
+            block.attn.in_proj_weight[: 2 * width] *= 3.0
     d, w = model.clip.visual.embed_dim, model.clip.visual.width
     with torch.no_grad():  # the memory holds the training images: the test images themselves are keys 0 and 1
         own = model.clip.visual(_images(), taps=(4,), dpam_start=2).global_embedding
@@ -634,3 +639,52 @@ def test_prompt_stage_loss_by_formula(weights):
         out.anomaly_map, out.image_score, {}, {**out.loss_inputs, "branch_probs": probs[:, :1]}
     )
     assert single.loss(out1, batch)["loss"].item() == pytest.approx(per_branch[0].item(), rel=1e-5)
+
+
+# --- memory -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", ["pure", "coverage"])
+def test_memory_keys_by_formula(rule):
+    """Image keys: normalised global embeddings, one-hot labels. Patch keys: per image the normalised mean of the
+    neighbour-averaged tap-24 ``ln_post`` tokens inside (anomalous) and outside (normal) the mask."""
+    from zsad.methods.entroad.memory import collect_memory
+
+    model = _model(memory_regions=rule, region_coverage=0.4)
+    images = _images(3, seed=7)
+    mask = torch.zeros(3, 1, SIZE, SIZE, dtype=torch.bool)
+    mask[0, :, :20, :25] = True  # patches (0,0) (0,1) covered, (1,0) (1,1) partly: 6/14 rows, 11/14 columns
+    mask[2, :, 30:, 30:] = True
+    names = ["a", "b", "c"]
+    batch = Batch(
+        images, mask, torch.tensor([1, 0, 1]), names, names, names, [f"memory/{n}.png" for n in names]
+    )
+    cpu = torch.device("cpu")
+    mem = collect_memory([batch], lambda x: model._encode_memory(x, cpu), (1, 3, 5), 0.5, cpu, rule, 0.4)
+    with torch.no_grad():
+        f = model.clip.visual(images, taps=(4,), dpam_start=2, pre_proj=True)
+    torch.testing.assert_close(
+        mem.image_keys, f.global_embedding / f.global_embedding.norm(dim=-1, keepdim=True)
+    )
+    assert mem.image_values.tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+    tokens = _neighbour_average(f.pre_proj_tokens[0])
+    keys, values = [], []
+    for b in range(3):
+        normal, anomalous = [], []
+        for i in range(SIDE):
+            for j in range(SIDE):
+                m = mask[b, 0].float()
+                if rule == "pure":  # the 2 × 2 centre pixels of the 14 × 14 patch
+                    v = m[i * 14 + 6 : i * 14 + 8, j * 14 + 6 : j * 14 + 8].mean()
+                    is_a, is_n = v == 1, v == 0
+                else:
+                    v = m[i * 14 : i * 14 + 14, j * 14 : j * 14 + 14].mean()
+                    is_a, is_n = v >= 0.4, v == 0
+                (anomalous if is_a else normal if is_n else []).append(tokens[b, i * SIDE + j])
+        for region, value in ((normal, [1.0, 0.0]), (anomalous, [0.0, 1.0])):
+            if region:
+                k = torch.stack(region).mean(0)
+                keys.append(k / k.norm())
+                values.append(value)
+    torch.testing.assert_close(mem.patch_keys, torch.stack(keys), atol=1e-5, rtol=1e-5)
+    assert mem.patch_values.tolist() == values
