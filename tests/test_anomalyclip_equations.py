@@ -115,16 +115,16 @@ def test_context_and_deep_tokens_are_initialised_normal_0_02(text):
 # --- maps, global logits, scores -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sigma", [0.0, 4.0])
-def test_maps_are_softmax_of_cosines_over_t_and_the_test_map_is_their_reduction_smoothed(sigma):
-    model = tiny_model(smoothing_sigma=sigma).eval()
+@pytest.mark.parametrize("sigma,reduce", [(0.0, "mean"), (4.0, "mean"), (4.0, "sum")])
+def test_maps_are_softmax_of_cosines_over_t_and_the_test_map_is_their_reduction_smoothed(sigma, reduce):
+    model = tiny_model(smoothing_sigma=sigma, map_reduce=reduce).eval()
     batch = tiny_batch()
     with torch.no_grad():
         out = model(batch.image, batch)
     probs, logits = ref_forward(model, batch.image)
     torch.testing.assert_close(out.loss_inputs["probs"], probs, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(out.loss_inputs["logits"], logits, atol=1e-4, rtol=1e-4)
-    want = ref_test_map(probs, sigma, str(model.cfg.get("map_reduce", "mean")))
+    want = ref_test_map(probs, sigma, reduce)
     assert out.anomaly_map.dtype == torch.float32 and out.anomaly_map.shape == (2, SIZE, SIZE)
     torch.testing.assert_close(out.anomaly_map, want, atol=1e-5, rtol=1e-4)
     # image score (AnomalyCLIP): the global embedding's anomalous probability

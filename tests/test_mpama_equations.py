@@ -201,7 +201,7 @@ def test_mpa_levels_bridge_map_and_score(sigma):
     torch.testing.assert_close(out.loss_inputs["logits"], logits, atol=1e-4, rtol=1e-4)
     e = torch.exp(logits.double())
     torch.testing.assert_close(out.image_score, (e[:, 1] / e.sum(1)).float(), atol=1e-5, rtol=1e-4)
-    want = ref_test_map(probs, sigma, str(model.cfg.get("map_reduce", "mean")))
+    want = ref_test_map(probs, sigma, "mean")
     torch.testing.assert_close(out.anomaly_map, want, atol=1e-5, rtol=1e-4)
 
 
@@ -438,7 +438,7 @@ def test_after_placement_is_renormalised_residual_moe_on_each_tap():
         tokens.append(unit(f + delta.view_as(f)))
     probs = ref_level_probs(tokens, [1, 3, 5], text_pairs(model)[:3])
     torch.testing.assert_close(out.loss_inputs["probs"], probs, atol=1e-5, rtol=1e-4)
-    want = ref_test_map(probs, 0.0, str(model.cfg.get("map_reduce", "mean")))
+    want = ref_test_map(probs, 0.0, "mean")
     torch.testing.assert_close(out.anomaly_map, want, atol=1e-5, rtol=1e-4)
 
 
