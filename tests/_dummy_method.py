@@ -11,7 +11,7 @@ from torch import nn
 from zsad.config import BackboneConfig, MethodConfig, OptimConfig, StageConfig
 from zsad.losses import dice_loss
 from zsad.methods.base import ZSADMethod
-from zsad.types import AnomalyOutput
+from zsad.types import AnomalyOutput, ExtraSpec
 
 
 @dataclass
@@ -34,6 +34,7 @@ class Dummy(ZSADMethod):
     """Frozen random conv 'backbone' + a 1x1 head (stage first) + a bias map (stage second)."""
 
     frozen_modules = ("backbone",)
+    EXTRAS = {"mean_prob": ExtraSpec("image_scalar")}
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)

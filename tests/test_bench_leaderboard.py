@@ -66,8 +66,11 @@ def _write_run(
     return run / "metrics.json"
 
 
-def _write_gallery(run: Path, dataset: str, category: str, images: list[Path], extras: dict) -> None:
-    """A gallery in the Evaluator's layout: float16 maps, uint8 masks, extras as extra_<name>, index."""
+def _write_gallery(
+    run: Path, dataset: str, category: str, images: list[Path], extras: dict, specs: dict | None = None
+) -> None:
+    """A gallery in the Evaluator's layout: float16 maps, uint8 masks, extras as extra_<name> declared in
+    extras_spec (JSON: name → kind, rows, cols), index."""
     n = len(images)
     masks = np.zeros((n, 16, 16), np.uint8)
     masks[0, 4:9, 6:11] = 1
@@ -83,6 +86,7 @@ def _write_gallery(run: Path, dataset: str, category: str, images: list[Path], e
         scores=maps.reshape(n, -1).max(1).astype(np.float32),
         index=np.arange(n),
         **{f"extra_{k}": v for k, v in extras.items()},
+        **({"extras_spec": np.asarray(json.dumps(specs))} if specs is not None else {}),
     )
 
 
@@ -122,12 +126,32 @@ def grid(tmp_path: Path) -> dict:
     imgs = {c: _images(tmp_path / "img" / c, 2) for c in ("bottle", "screw")}
     rng = np.random.default_rng(0)
     routing = np.stack([np.full((4, 2), [0.3, 0.7]), np.full((4, 2), [0.9, 0.1])])
+    table = {
+        "rows": ["6", "12", "18", "24"],
+        "cols": ["normal", "anomalous"],
+        "row_name": "tap",
+        "col_name": "",
+    }
+    ent_specs = {
+        "entropy_map": {"kind": "image_map", "rows": [], "cols": []},
+        "gate": {"kind": "image_scalar", "rows": [], "cols": []},
+        "routing_weights": {"kind": "image_array", "rows": [], "cols": []},
+    }
     for c in ("bottle", "screw"):
         _write_gallery(
-            files[0].parent, "objects", c, imgs[c], {"routing_weights": routing.astype(np.float16)}
+            files[0].parent,
+            "objects",
+            c,
+            imgs[c],
+            {"routing_weights": routing.astype(np.float16)},
+            {"routing_weights": {"kind": "image_table", **table}},
         )
-        ent_extras = {"entropy_map": rng.random((2, 4, 4)).astype(np.float16), "gate": np.array([0.8, 0.2])}
-        _write_gallery(files[2].parent, "objects", c, imgs[c], ent_extras)
+        ent_extras = {
+            "entropy_map": rng.random((2, 4, 4)).astype(np.float16),
+            "gate": np.array([0.8, 0.2]),
+            "routing_weights": rng.random((2, 2, 16)).astype(np.float16),  # per patch: kept, not drawn
+        }
+        _write_gallery(files[2].parent, "objects", c, imgs[c], ent_extras, ent_specs)
     out = tmp_path / "results"
     written = write_leaderboard(files, out, "Test bench")
     return {"files": files, "out": out, "written": written, "ava": ava, "ent": ent}
@@ -300,14 +324,29 @@ def test_plots_are_valid_pngs(grid: dict) -> None:
 
 
 def test_gallery_reader_understands_the_evaluator_layout(grid: dict) -> None:
-    ava = read_gallery(grid["files"][0].parent, "objects", "ava_dino")
-    ent = read_gallery(grid["files"][2].parent, "objects", "entroad")
+    ava = read_gallery(grid["files"][0].parent, "objects")
+    ent = read_gallery(grid["files"][2].parent, "objects")
     first = next(iter(ava.values()))
-    assert first.scalars == {"w_a": pytest.approx(0.7, abs=1e-3)}  # mean over taps of the anomalous share
+    routing = first.tables["routing_weights"]  # declared image_table: this image's taps × adapters
+    assert routing.rows == ["6", "12", "18", "24"] and routing.cols == ["normal", "anomalous"]
+    np.testing.assert_allclose(routing.values, np.full((4, 2), [0.3, 0.7]), atol=1e-3)
+    assert not routing.per_category and first.scalars == {} and first.extra_maps == {}
     assert first.mask is not None and first.mask.dtype == bool and first.mask.sum() == 25
     e = next(iter(ent.values()))
     assert set(e.extra_maps) == {"entropy_map"} and e.extra_maps["entropy_map"].shape == (4, 4)
-    assert e.scalars == {"gate": pytest.approx(0.8)} and "index" not in e.scalars
+    assert e.scalars == {"gate": pytest.approx(0.8)} and e.tables == {}  # the image_array is not drawn
+
+
+def test_gallery_without_declaration_leaves_extras_out(tmp_path: Path, caplog) -> None:
+    """No guessing from shapes: an undeclared gallery file shows maps and scores, and says why no extras."""
+    imgs = _images(tmp_path / "img", 2)
+    _write_gallery(
+        tmp_path / "run", "objects", "bottle", imgs, {"entropy_map": np.zeros((2, 4, 4)), "g": np.ones(2)}
+    )
+    with caplog.at_level("WARNING", logger="zsad.bench"):
+        items = read_gallery(tmp_path / "run", "objects")
+    assert len(items) == 2 and all(not it.extra_maps and not it.scalars for it in items.values())
+    assert "no extras_spec" in caplog.text
 
 
 def test_title_warns_only_with_random_weights(tmp_path: Path) -> None:

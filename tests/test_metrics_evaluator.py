@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from data_modules.types import Batch
 from zsad.metrics import Evaluator, evaluate, validate_metrics_document
+from zsad.types import ExtraSpec
 
 H = W = 12
 BATCH = 3
@@ -95,6 +96,13 @@ class TinyModule(lightning.LightningModule):
         extras = {"gate": scores * 2, "expert_share": torch.ones(4, 2), "entropy_map": maps[:, ::2, ::2]}
         return {"maps": maps, "scores": scores, "extras": extras}
 
+    def extra_specs(self) -> dict[str, ExtraSpec]:
+        return {
+            "gate": ExtraSpec("image_scalar"),
+            "expert_share": ExtraSpec("batch_table"),
+            "entropy_map": ExtraSpec("image_map"),
+        }
+
     def test_dataloader(self) -> list[DataLoader]:
         rank, world = self.trainer.global_rank, self.trainer.world_size
         return [DataLoader(_shard(d, rank, world), batch_size=None) for d in _all_data()]
@@ -143,7 +151,7 @@ def _check_gallery(out: Path) -> None:
         assert z["maps"].shape == (2, H, W) and z["maps"].dtype == np.float16
         assert z["masks"].shape == (2, H, W) and z["labels"].tolist() == [1, 0]
         assert z["extra_gate"].shape == (2,) and z["extra_entropy_map"].shape == (2, H // 2, W // 2)
-        assert "extra_expert_share" not in z.files  # not per-image
+        assert z["extra_expert_share"].shape == (4, 2)  # the category's table, not an image's
         np.testing.assert_allclose(z["extra_gate"], 2 * z["scores"], rtol=1e-3)
     with np.load(out / "gallery" / "img" / "only.npz") as z:
         assert "masks" not in z.files and list(z["index"]) == [1, 0]  # anomalous first, then normal

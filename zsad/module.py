@@ -20,7 +20,7 @@ from data_modules.types import Batch
 from zsad.dist import destroy_process_group_at_exit
 from zsad.methods.base import ZSADMethod, build_optimizer
 from zsad.methods.registry import build_method
-from zsad.types import AnomalyOutput
+from zsad.types import AnomalyOutput, ExtraSpec
 
 
 class CheckpointMismatch(RuntimeError):
@@ -90,6 +90,10 @@ class ZSADModule(L.LightningModule):
         out = self.model(batch.image, batch)
         extras = {k: v.detach() for k, v in out.extras.items() if torch.is_tensor(v)}
         return {"maps": out.anomaly_map.float(), "scores": out.image_score.float(), "extras": extras}
+
+    def extra_specs(self) -> dict[str, ExtraSpec]:
+        """The method's declared extras: the Evaluator keeps, aggregates and draws each by its kind."""
+        return self.model.extra_specs()
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> AnomalyOutput:
         return self.model(batch.image, batch)

@@ -1,15 +1,19 @@
 """Leaderboard plots: per-dataset bar charts and heatmap galleries (matplotlib, Agg canvas, no pyplot state).
 
 The gallery reads each run's ``gallery/<dataset>/<category>.npz`` (keys ``paths``, ``maps`` [n,H,W] and, when
-present, ``masks``, ``labels``, ``scores`` and per-image extras). Extras whose key ends in ``_map`` (EntroAD's
-``entropy_map``) get a column of their own; ``routing_weights`` [n, L, 2] (AVA-DINO) is shown as the anomalous
-routing share averaged over layers, and other per-image scalars ([n]) are written under the map.
+present, ``masks``, ``labels``, ``scores``, ``extra_<name>`` and ``extras_spec``). Extras are drawn by their declared
+kind (``extras_spec``, written by the Evaluator from the method's ``extra_specs()``), never by their shape:
+``image_map`` (EntroAD's entropy map) gets a column of its own, ``image_table`` (AVA-DINO's routing weights per tap)
+and ``batch_table`` (MPAMA's expert shares per MoE layer, one table per category) get a heat-map column, and
+``image_scalar`` values (EntroAD's gate) are written under the map. A file without ``extras_spec`` has its extras
+left out, with a warning.
 Each method's maps share one colour scale over the whole gallery (1st–99th percentile), so a normal image that
 looks dark is one the method scored low compared with its anomalous images.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,13 +128,23 @@ class GalleryItem:
     score: float | None
     extra_maps: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
+    tables: dict[str, ExtraTable] = field(default_factory=dict)
 
 
-def read_gallery(run_dir: Path, dataset: str, method: str = "") -> dict[str, GalleryItem]:
-    """image path → item, from every ``<run_dir>/gallery/<dataset>/<category>.npz``.
+@dataclass
+class ExtraTable:
+    """A small labelled table: an image's (``image_table``) or its category's (``batch_table``)."""
 
-    ``method`` decides how extras read: AVA-DINO's ``routing_weights`` [n, taps, 2] become the anomalous share.
-    """
+    values: np.ndarray  # [R, C]
+    rows: list[str]
+    cols: list[str]
+    row_name: str = ""
+    col_name: str = ""
+    per_category: bool = False
+
+
+def read_gallery(run_dir: Path, dataset: str) -> dict[str, GalleryItem]:
+    """image path → item, from every ``<run_dir>/gallery/<dataset>/<category>.npz``; extras by their declaration."""
     folder = Path(run_dir) / "gallery" / dataset
     items: dict[str, GalleryItem] = {}
     for f in sorted(folder.glob("*.npz")):
@@ -142,13 +156,22 @@ def read_gallery(run_dir: Path, dataset: str, method: str = "") -> dict[str, Gal
         if "paths" not in z or "maps" not in z:
             log.warning("gallery %s lacks 'paths' or 'maps'; skipped in the plot", f)
             continue
+        specs = _extras_spec(f, z)
         for i, p in enumerate(z["paths"]):
-            items[str(p)] = _item(f.stem, str(p), z, i, method)
+            items[str(p)] = _item(f.stem, str(p), z, i, specs)
     return items
 
 
-def _item(category: str, path: str, z: dict[str, np.ndarray], i: int, method: str) -> GalleryItem:
-    n = len(z["paths"])
+def _extras_spec(f: Path, z: dict[str, np.ndarray]) -> dict[str, dict]:
+    """The gallery file's declared extras; none (with a warning) for a file that has extras but no declaration."""
+    if "extras_spec" in z:
+        return json.loads(str(z["extras_spec"]))
+    if any(k.startswith("extra_") for k in z):
+        log.warning("gallery %s has extras but no extras_spec (an older Evaluator); extras left out", f)
+    return {}
+
+
+def _item(category: str, path: str, z: dict[str, np.ndarray], i: int, specs: dict[str, dict]) -> GalleryItem:
     item = GalleryItem(
         category=category,
         path=path,
@@ -157,16 +180,25 @@ def _item(category: str, path: str, z: dict[str, np.ndarray], i: int, method: st
         label=int(z["labels"][i]) if "labels" in z else None,
         score=float(z["scores"][i]) if "scores" in z else None,
     )
-    for key, v in z.items():
-        if key in {"paths", "maps", "masks", "labels", "scores", "index"} or v.shape[:1] != (n,):
+    for name, spec in specs.items():
+        v = z.get(f"extra_{name}")  # the Evaluator stores a method's extras as extra_<name>
+        if v is None:
             continue
-        name = key.removeprefix("extra_")  # the Evaluator stores a method's extras as extra_<name>
-        if name.endswith("_map"):
-            item.extra_maps[name] = np.asarray(v[i], dtype=np.float32).squeeze()
-        elif name == "routing_weights" and method == "ava_dino" and v.ndim == 3 and v.shape[-1] == 2:
-            item.scalars["w_a"] = float(np.mean(v[i][:, 1]))  # anomalous adapter's share, mean over taps
-        elif v.ndim == 1 and np.issubdtype(v.dtype, np.number):
+        kind = spec["kind"]
+        if kind == "image_map":
+            item.extra_maps[name] = np.asarray(v[i], dtype=np.float32)
+        elif kind == "image_scalar":
             item.scalars[name] = float(v[i])
+        elif kind in ("image_table", "batch_table"):
+            per_category = kind == "batch_table"
+            item.tables[name] = ExtraTable(
+                np.asarray(v if per_category else v[i], dtype=np.float32),
+                list(spec["rows"]),
+                list(spec["cols"]),
+                spec.get("row_name", ""),
+                spec.get("col_name", ""),
+                per_category,
+            )
     return item
 
 
@@ -220,7 +252,7 @@ def gallery(
     for g in groups:
         run = next((r for r in g.runs if dataset in r.datasets), None)
         if run is not None:
-            items[g.label] = read_gallery(run.run_dir, dataset, run.method)
+            items[g.label] = read_gallery(run.run_dir, dataset)
     items = {k: v for k, v in items.items() if v}
     if not items:
         return None
@@ -233,7 +265,18 @@ def gallery(
         if lab in items
         for key in sorted({k for it in items[lab].values() for k in it.extra_maps})
     ]
-    columns = ["image", "ground truth"] + labels + [f"{lab}: {key}" for lab, key in extra_cols]
+    table_cols = [
+        (lab, key)
+        for lab in labels
+        if lab in items
+        for key in sorted({k for it in items[lab].values() for k in it.tables})
+    ]
+    columns = (
+        ["image", "ground truth"]
+        + labels
+        + [f"{lab}: {key}" for lab, key in extra_cols]
+        + [f"{lab}: {key}" for lab, key in table_cols]
+    )
     scales = {lab: _scale([items[lab][p].map for _, p in picks if p in items[lab]]) for lab in items}
     extra_scales = {
         (lab, key): _scale(
@@ -306,6 +349,12 @@ def gallery(
                 continue
             lo, hi = extra_scales[(lab, key)]
             _show(cells[j], it.extra_maps[key], cmap=EXTRA_CMAP, vmin=lo, vmax=hi)
+        for j, (lab, key) in enumerate(table_cols, start=2 + len(labels) + len(extra_cols)):
+            it = items[lab].get(p)
+            if it is None or key not in it.tables:
+                _blank(cells[j], "–")
+                continue
+            _table(cells[j], it.tables[key], cat)
     for j, name in enumerate(columns):
         if name in scales:
             lo, hi = scales[name]
@@ -318,6 +367,22 @@ def _show(ax, img: np.ndarray, **kw) -> None:  # noqa: ANN001
     ax.imshow(img, interpolation="nearest", **kw)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def _table(ax, t: ExtraTable, category: str) -> None:  # noqa: ANN001
+    """A labelled heat map of a small table on a fixed [0, 1] scale (shares and routing weights are fractions)."""
+    lo, hi = (0.0, 1.0) if t.values.min() >= 0 and t.values.max() <= 1 else (None, None)
+    ax.imshow(t.values, cmap=EXTRA_CMAP, vmin=lo, vmax=hi, aspect="auto", interpolation="nearest")
+    r, c = t.values.shape
+    ax.set_yticks(range(r), t.rows[:r] if len(t.rows) == r else range(r), fontsize=5)
+    ax.set_xticks(range(c), t.cols[:c] if len(t.cols) == c else range(c), fontsize=5, rotation=90)
+    if r * c <= 40:
+        for y in range(r):
+            for x in range(c):
+                v = float(t.values[y, x])
+                ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=4, color="w" if v < 0.6 else "k")
+    what = f"{t.row_name} × {t.col_name}".strip(" ×")
+    ax.set_xlabel(f"{what}, {category} mean" if t.per_category else what, fontsize=6)
 
 
 def _blank(ax, text: str) -> None:  # noqa: ANN001

@@ -24,7 +24,7 @@ from zsad.losses import dice_loss, focal_loss
 from zsad.maps import gaussian_blur, image_score, upsample
 from zsad.methods.base import IMAGENET_MEAN, IMAGENET_STD, ZSADMethod
 from zsad.prompts.ensemble import EnsembleTextCache
-from zsad.types import AnomalyOutput
+from zsad.types import AnomalyOutput, ExtraSpec
 
 CM_SCALE = 100.0  # cross-modal and global logit scale (CLIP's)
 AACM_SCALE = 10.0  # patch · fused-CLS logit scale of the calibration map
@@ -363,6 +363,14 @@ class AvaDino(ZSADMethod):
 
     def identity(self) -> dict[str, Any]:
         return {"vision": self.vision.identity(), "text": self.text.identity(), "taps": list(self.taps)}
+
+    def extra_specs(self) -> dict[str, ExtraSpec]:
+        """``routing_weights`` [B, taps, 2]: per image, the (normal, anomalous) adapter weights of every tap."""
+        taps = tuple(str(t) for t in self.taps)
+        spec = ExtraSpec(
+            "image_table", rows=taps, cols=("normal", "anomalous"), row_name="tap", col_name="adapter"
+        )
+        return {"routing_weights": spec}
 
     def log_stats(self, output: AnomalyOutput) -> dict[str, Tensor]:
         """Mean anomalous routing weight of the batch, a 0-dim device tensor (no host sync here)."""

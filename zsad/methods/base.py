@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from data_modules.types import Batch
-from zsad.types import AnomalyOutput
+from zsad.types import AnomalyOutput, ExtraSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,6 +39,8 @@ class ZSADMethod(nn.Module):
     interpolation: str = "bicubic"  # image resize used by the data layer
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    #: The extras ``forward`` may return, by name (see ``extra_specs``).
+    EXTRAS: ClassVar[dict[str, ExtraSpec]] = {}
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -106,6 +108,13 @@ class ZSADMethod(nn.Module):
             raise RuntimeError(
                 f"checkpoint does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}"
             )
+
+    def extra_specs(self) -> dict[str, ExtraSpec]:
+        """The declared shape of every extra ``forward`` may return; the Evaluator refuses any other.
+
+        Default: the class's ``EXTRAS``. Override where labels depend on the config (MoE layers, taps).
+        """
+        return dict(self.EXTRAS)
 
     def log_stats(self, output: AnomalyOutput) -> dict[str, Tensor | float]:
         """Scalars to log each training step besides the loss terms (routing shares …). Default none."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Mapping
@@ -19,8 +20,14 @@ from torch import Tensor
 import zsad
 from zsad.dist import destroy_process_group_at_exit
 from zsad.metrics.functional import evaluate
-from zsad.metrics.results import build_metrics_document, category_means, write_gallery, write_metrics_json
-from zsad.types import AnomalyOutput
+from zsad.metrics.results import (
+    build_metrics_document,
+    category_means,
+    extras_means,
+    write_gallery,
+    write_metrics_json,
+)
+from zsad.types import AnomalyOutput, ExtraSpec
 
 
 @dataclass
@@ -37,6 +44,11 @@ class _CategoryBuffer:
     index: list[Tensor] = field(default_factory=list)
     gallery: list[dict[str, Any]] = field(default_factory=list)  # this rank's lowest-index items, on the CPU
     n_seen: int = 0
+    # Extras by their declared kind: image_scalar / image_table rows per batch (gathered and de-duplicated with
+    # the maps), how many images each per-image extra came with, batch_table running [Σ b·table (float64), Σ b].
+    rows: dict[str, list[Tensor]] = field(default_factory=dict)
+    n_rows: dict[str, int] = field(default_factory=dict)
+    tables: dict[str, list] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[int, str, str]:
@@ -84,6 +96,34 @@ def _unpack_outputs(outputs: Any) -> tuple[Tensor, Tensor, Mapping[str, Tensor]]
         "Evaluator: test_step must return {'maps': Tensor [B,H,W], 'scores': Tensor [B], 'extras': dict}, "
         f"got {type(outputs).__name__}"
     )
+
+
+def _declared_extras(pl_module: Any) -> dict[str, ExtraSpec]:
+    """The module's ``extra_specs()`` (ZSADModule forwards its method's), or none."""
+    specs = pl_module.extra_specs() if callable(getattr(pl_module, "extra_specs", None)) else {}
+    for name, spec in specs.items():
+        if not isinstance(spec, ExtraSpec):
+            raise TypeError(
+                f"Evaluator: extra_specs()[{name!r}] must be a zsad.types.ExtraSpec, got {spec!r}"
+            )
+    return dict(specs)
+
+
+def _spec_json(specs: Mapping[str, ExtraSpec]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"kind": s.kind, "rows": list(s.rows), "cols": list(s.cols), "row_name": s.row_name,
+               "col_name": s.col_name}
+        for name, s in specs.items()
+    }  # fmt: skip
+
+
+def _label_means(values: Tensor, labels: Tensor) -> dict[str, Any]:
+    """Mean of per-image values [n, ...] over all images and per label (None where a label has no image)."""
+    out: dict[str, Any] = {"all": values.double().mean(0).tolist()}
+    for name, lab in (("normal", 0), ("anomalous", 1)):
+        sel = labels == lab
+        out[name] = values[sel].double().mean(0).tolist() if bool(sel.any()) else None
+    return out
 
 
 def _first_unique(index: Tensor) -> Tensor | None:
@@ -137,7 +177,15 @@ class Evaluator(Callback):
     the module has it) and ``<out_dir>/gallery/<dataset>/<category>.npz`` holding the first
     ``gallery_per_category`` images (by dataset index) of each category: ``paths``, ``maps`` (float16),
     ``masks`` (uint8, only for sets with masks), ``labels``, ``scores`` and ``extra_<name>`` (float16) for each
-    per-image extra (leading dim B). Logs ``test/<dataset>/<metric>`` means.
+    per-image extra and for each per-batch table (the category's, see below), and ``extras_spec`` (JSON: each
+    extra's declaration). Logs ``test/<dataset>/<metric>`` means.
+
+    Extras are read by their declaration (``pl_module.extra_specs()``, a :class:`zsad.types.ExtraSpec` per name),
+    never by their shape; an undeclared extra, or one of another shape than declared, is an error naming it.
+    ``image_scalar`` and ``image_table`` extras are averaged per category (all images, normal, anomalous) and
+    ``batch_table`` extras (MPAMA's expert shares per MoE layer) are averaged over the category's batches weighted
+    by their size; both go to ``metrics.json`` under ``datasets.<name>.extras.<extra>``. Under DDP the per-batch
+    tables include the few images a sampler repeats to pad the ranks (their rows cannot be told apart).
 
     Args:
         out_dir: folder of the result files; ``None`` uses the trainer's ``default_root_dir``.
@@ -159,6 +207,7 @@ class Evaluator(Callback):
         self._reset()
 
     def _reset(self) -> None:
+        self._specs: dict[str, ExtraSpec] = {}
         self._current: _CategoryBuffer | None = None
         self._finished: set[tuple[int, str, str]] = set()
         self._datasets: dict[str, dict[str, Any]] = {}
@@ -168,6 +217,7 @@ class Evaluator(Callback):
     def on_test_start(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         destroy_process_group_at_exit()
         self._reset()
+        self._specs = _declared_extras(pl_module)
 
     def on_test_batch_end(
         self,
@@ -190,6 +240,7 @@ class Evaluator(Callback):
                 f"Evaluator: batch {batch_idx} spans several categories {sorted(set(batch.category))}; "
                 "test loaders must batch one category at a time"
             )
+        self._check_extras(extras, b, pl_module)
         key = (dataloader_idx, batch.dataset[0], batch.category[0])
         if self._current is None or self._current.key != key:
             self._finish_category(trainer, pl_module)
@@ -205,6 +256,8 @@ class Evaluator(Callback):
         self._finish_category(trainer, pl_module)
         for data in self._datasets.values():
             data["mean"], data["n_categories_in_mean"] = category_means(data["categories"])
+            if "extras" in data:
+                extras_means(data["extras"])
         for name, data in self._datasets.items():
             for key, value in data["mean"].items():
                 if value is not None:
@@ -223,6 +276,21 @@ class Evaluator(Callback):
             write_metrics_json(self._out_dir(trainer) / "metrics.json", self.results)
 
     # ------------------------------------------------------------------------------------------ internals
+    def _check_extras(self, extras: Mapping[str, Any], b: int, pl_module: lightning.LightningModule) -> None:
+        for name, value in extras.items():
+            spec = self._specs.get(name)
+            if spec is None:
+                raise ValueError(
+                    f"Evaluator: extra {name!r} of {type(pl_module).__name__} is not declared; declare its shape "
+                    f"in the method's EXTRAS / extra_specs() (zsad.types.ExtraSpec). Declared: {sorted(self._specs)}"
+                )
+            if not isinstance(value, Tensor):
+                raise TypeError(f"Evaluator: extra {name!r} must be a tensor, got {type(value).__name__}")
+            try:
+                spec.check(name, value, b)
+            except ValueError as e:
+                raise ValueError(f"Evaluator: {e}") from None
+
     def _out_dir(self, trainer: lightning.Trainer) -> Path:
         return self.out_dir if self.out_dir is not None else Path(trainer.default_root_dir)
 
@@ -254,6 +322,16 @@ class Evaluator(Callback):
                     f"{tuple(maps.shape)}; maps must be at the evaluation resolution"
                 )
             buf.masks.append(mask.detach().to(maps.device, torch.uint8))
+        for name, value in extras.items():
+            kind = self._specs[name].kind
+            if self._specs[name].per_image:
+                buf.n_rows[name] = buf.n_rows.get(name, 0) + b
+            if kind in ("image_scalar", "image_table"):
+                buf.rows.setdefault(name, []).append(value.detach().float().to(maps.device))
+            elif kind == "batch_table":
+                weighted = value.detach().double() * b  # a batch's table stands for its b images
+                acc = buf.tables.get(name)
+                buf.tables[name] = [weighted, b] if acc is None else [acc[0] + weighted, acc[1] + b]
         self._keep_gallery(buf, batch, index, maps, scores, mask, extras)
 
     def _keep_gallery(
@@ -270,10 +348,7 @@ class Evaluator(Callback):
         k = self.gallery_per_category
         if k <= 0:
             return
-        b = maps.shape[0]
-        per_image = {
-            n: t for n, t in extras.items() if isinstance(t, Tensor) and t.ndim >= 1 and t.shape[0] == b
-        }
+        per_image = {n: t for n, t in extras.items() if self._specs[n].per_image}
         for i in torch.argsort(index).tolist():
             item = {
                 "index": int(index[i]),
@@ -292,27 +367,64 @@ class Evaluator(Callback):
         buf, self._current = self._current, None
         if buf is None:
             return
-        tensors = [torch.cat(buf.maps), torch.cat(buf.scores), torch.cat(buf.labels), torch.cat(buf.index)]
+        partial = sorted(n for n, k in buf.n_rows.items() if k != buf.n_seen)
+        if partial:
+            raise ValueError(
+                f"Evaluator: {buf.dataset}/{buf.category}: per-image extra(s) {partial} came with only some "
+                "batches; a method returns each of its extras for every batch or for none"
+            )
+        named = {"maps": buf.maps, "scores": buf.scores, "labels": buf.labels, "index": buf.index}
         if buf.masks is not None:
-            tensors.append(torch.cat(buf.masks))
+            named["masks"] = buf.masks
+        named.update({f"extra/{n}": rows for n, rows in sorted(buf.rows.items())})
         buf.maps = buf.scores = buf.labels = buf.index = buf.masks = []  # free the per-batch pieces
-        tensors = _all_gather_rows(tensors)
-        keep = _first_unique(tensors[3])
+        buf.rows = {}
+        gathered = dict(zip(named, _all_gather_rows([torch.cat(parts) for parts in named.values()])))
+        keep = _first_unique(gathered["index"])
         if keep is not None:
-            tensors = [t[keep] for t in tensors]
-        maps, scores, labels, index = tensors[:4]
-        masks = tensors[4] if len(tensors) > 4 else None
+            gathered = {k: t[keep] for k, t in gathered.items()}
+        maps, scores, labels, index = (gathered[k] for k in ("maps", "scores", "labels", "index"))
+        masks = gathered.get("masks")
         metrics = evaluate(maps, masks, scores, labels, legacy_aupro=self.legacy_aupro)
         data = self._datasets.setdefault(buf.dataset, {"categories": {}, "n_images": 0})
         data["categories"][buf.category] = metrics
         data["n_images"] += int(index.numel())
         self._finished.add(buf.key)
-        del tensors, maps, masks
+        values = {
+            k.removeprefix("extra/"): _label_means(t, labels)
+            for k, t in gathered.items()
+            if k.startswith("extra/")
+        }
+        tables = self._category_tables(buf)
+        values.update({n: {"all": t.tolist()} for n, t in tables.items()})
+        for name, value in values.items():
+            entry = data.setdefault("extras", {}).setdefault(
+                name, {**_spec_json(self._specs)[name], "categories": {}}
+            )
+            entry["categories"][buf.category] = value
+        del gathered, maps, masks
         gallery = [it for part in _all_gather_objects(buf.gallery) for it in part]
         if trainer.is_global_zero and self.gallery_per_category > 0:
-            self._write_gallery(trainer, buf, gallery)
+            self._write_gallery(trainer, buf, gallery, tables)
 
-    def _write_gallery(self, trainer: lightning.Trainer, buf: _CategoryBuffer, items: list[dict]) -> None:
+    def _category_tables(self, buf: _CategoryBuffer) -> dict[str, np.ndarray]:
+        """Each batch_table extra averaged over the category's batches (all ranks), weighted by batch size."""
+        local = {n: (acc.cpu().numpy(), count) for n, (acc, count) in buf.tables.items()}
+        buf.tables = {}
+        out: dict[str, np.ndarray] = {}
+        for part in _all_gather_objects(local):
+            for name, (acc, count) in part.items():
+                total, n = out.get(name, (0.0, 0))
+                out[name] = (total + acc, n + count)
+        return {name: total / n for name, (total, n) in out.items()}
+
+    def _write_gallery(
+        self,
+        trainer: lightning.Trainer,
+        buf: _CategoryBuffer,
+        items: list[dict],
+        tables: Mapping[str, np.ndarray],
+    ) -> None:
         unique = list({it["index"]: it for it in items}.values())
         chosen = _balanced(unique, self.gallery_per_category)
         arrays: dict[str, np.ndarray] = {
@@ -325,6 +437,10 @@ class Evaluator(Callback):
             arrays["masks"] = np.stack([it["mask"] for it in chosen])
         for name in chosen[0]["extras"]:
             arrays[f"extra_{name}"] = np.stack([it["extras"][name] for it in chosen])
+        for name, table in tables.items():  # the category's table, not an image's
+            arrays[f"extra_{name}"] = table.astype(np.float32)
+        written = {n: s for n, s in self._specs.items() if f"extra_{n}" in arrays}
+        arrays["extras_spec"] = np.asarray(json.dumps(_spec_json(written)))
         safe = buf.category.replace("/", "_")
         write_gallery(
             self._out_dir(trainer) / "gallery" / buf.dataset / f"{safe}.npz",

@@ -33,6 +33,23 @@ def category_means(categories: Mapping[str, Mapping[str, float | None]]) -> tupl
     return mean, count
 
 
+#: Kinds of extras that ``metrics.json`` aggregates (``zsad.types.EXTRA_KINDS``; the others live in the gallery).
+AGGREGATED_EXTRA_KINDS = ("image_scalar", "image_table", "batch_table")
+
+
+def _elementwise_mean(values: list[Any]) -> Any:
+    """Mean of equal-shaped floats or nested lists of floats."""
+    if isinstance(values[0], list):
+        return [_elementwise_mean([v[i] for v in values]) for i in range(len(values[0]))]
+    return math.fsum(values) / len(values)
+
+
+def extras_means(extras: Mapping[str, dict[str, Any]]) -> None:
+    """Adds ``mean`` (unweighted over categories, of each category's ``all`` value) to every extra entry."""
+    for entry in extras.values():
+        entry["mean"] = _elementwise_mean([c["all"] for c in entry["categories"].values()])
+
+
 def build_metrics_document(
     datasets: Mapping[str, Mapping[str, Any]], timing: Mapping[str, Any], metadata: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -63,6 +80,47 @@ def _check_metric_dict(where: str, values: Any) -> None:
             raise ValueError(f"{where}.{key} must be a finite number or null, got {v!r}")
 
 
+def _check_extra_value(where: str, value: Any, table: bool, rows: int, cols: int) -> None:
+    if table:
+        ok = (
+            isinstance(value, list)
+            and (rows == 0 or len(value) == rows)
+            and all(isinstance(r, list) and (cols == 0 or len(r) == cols) for r in value)
+        )
+        flat = [v for r in value for v in r] if ok else []
+    else:
+        ok, flat = True, [value]
+    if not ok or any(not isinstance(v, (int, float)) or not math.isfinite(v) for v in flat):
+        shape = f"a {rows or 'R'}×{cols or 'C'} table of finite numbers" if table else "a finite number"
+        raise ValueError(f"{where} must be {shape}, got {value!r}")
+
+
+def _check_extras(where: str, extras: Any, categories: Mapping[str, Any]) -> None:
+    """``datasets.<name>.extras``: per extra its declaration, per category {all, normal, anomalous}, a mean."""
+    if not isinstance(extras, Mapping):
+        raise ValueError(f"{where} must be an object keyed by extra name")
+    for name, e in extras.items():
+        at = f"{where}.{name}"
+        for key in ("kind", "rows", "cols", "categories", "mean"):
+            if not isinstance(e, Mapping) or key not in e:
+                raise ValueError(f"{at} lacks the key {key!r}")
+        if e["kind"] not in AGGREGATED_EXTRA_KINDS:
+            raise ValueError(f"{at}.kind must be one of {AGGREGATED_EXTRA_KINDS}, got {e['kind']!r}")
+        table, rows, cols = e["kind"] != "image_scalar", len(e["rows"]), len(e["cols"])
+        unknown = set(e["categories"]) - set(categories)
+        if not isinstance(e["categories"], Mapping) or unknown:
+            raise ValueError(f"{at}.categories must be keyed by the dataset's categories; unknown: {unknown}")
+        for cat, value in e["categories"].items():
+            if not isinstance(value, Mapping) or "all" not in value:
+                raise ValueError(f"{at}.categories.{cat} must be an object with 'all'")
+            for part, v in value.items():
+                if part not in ("all", "normal", "anomalous"):
+                    raise ValueError(f"{at}.categories.{cat}: unknown part {part!r}")
+                if v is not None or part == "all":
+                    _check_extra_value(f"{at}.categories.{cat}.{part}", v, table, rows, cols)
+        _check_extra_value(f"{at}.mean", e["mean"], table, rows, cols)
+
+
 def validate_metrics_document(doc: Any) -> None:
     """Raises ``ValueError`` naming the first key of ``doc`` that breaks the ``metrics.json`` schema."""
     if not isinstance(doc, Mapping):
@@ -90,6 +148,8 @@ def validate_metrics_document(doc: Any) -> None:
             raise ValueError(f"{where}.n_categories_in_mean must give an int per metric key")
         if not isinstance(d["n_images"], int) or d["n_images"] <= 0:
             raise ValueError(f"{where}.n_images must be a positive int, got {d['n_images']!r}")
+        if "extras" in d:  # optional: the method's declared extras, aggregated
+            _check_extras(f"{where}.extras", d["extras"], d["categories"])
 
 
 def write_metrics_json(path: str | Path, doc: Mapping[str, Any]) -> Path:

@@ -37,7 +37,7 @@ from zsad.methods.entroad.routing import (
     retrieve,
     route_weights,
 )
-from zsad.types import AnomalyOutput
+from zsad.types import AnomalyOutput, ExtraSpec
 
 log = logging.getLogger("zsad")
 STAGES = ("retrieval", "prompt")
@@ -82,6 +82,12 @@ class EntroAD(ZSADMethod):
     """
 
     frozen_modules = ("clip",)
+    EXTRAS = {
+        "entropy_map": ExtraSpec("image_map"),  # [B, gh, gw] normalised structural entropy
+        "routing_weights": ExtraSpec("image_array"),  # [B, 2, N] per-patch weights of t_n and t_a
+        "gate": ExtraSpec("image_scalar"),  # [B] confidence gate of t_a
+        "p_img": ExtraSpec("image_scalar"),  # [B] retrieval image probability
+    }
 
     def __init__(self, cfg: Any) -> None:
         from zsad.backbones.clip import build_clip

@@ -28,7 +28,7 @@ from zsad.config import OptimConfig, StageConfig
 from zsad.methods.base import Stage
 from zsad.methods.mpama.moe import Routing, TokenMoE, routing_stats
 from zsad.methods.mpama.mpa import MPA, MPAConfig
-from zsad.types import AnomalyOutput
+from zsad.types import AnomalyOutput, ExtraSpec
 
 PLACEMENTS = ("slot", "after")
 MOE_STAGES = ("moe", "joint")
@@ -231,6 +231,14 @@ class MPAMA(MPA):
         terms["balance"] = balance.detach()
         terms["z_loss"] = z_loss.detach()
         return terms
+
+    def extra_specs(self) -> dict[str, ExtraSpec]:
+        """``expert_share`` [MoE layers, experts]: one table per batch (rows sum to 1), never per image."""
+        rows = tuple(str(b) for b in self.moe_blocks)
+        spec = ExtraSpec(
+            "batch_table", rows=rows, cols=tuple(self.moe.names), row_name="block", col_name="expert"
+        )
+        return {"expert_share": spec}
 
     def log_stats(self, output: AnomalyOutput) -> dict[str, Tensor | float]:
         """Per-layer expert token shares: ``share/l{block}/{expert}`` (expert ∈ zero, frozen, l0 …).
