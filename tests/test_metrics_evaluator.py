@@ -141,6 +141,16 @@ def _check_document(doc: dict) -> None:
     assert pix["mean"]["pixel_aupro"] == pytest.approx(mean, abs=1e-12)
     img = doc["datasets"]["img"]
     assert img["mean"]["pixel_auroc"] is None and img["n_categories_in_mean"]["pixel_auroc"] == 0
+    # declared extras: the per-image gate averaged over the de-duplicated images, the per-batch table kept
+    for samples in _all_data():
+        data = doc["datasets"][samples[0]["dataset"]]
+        for category in data["categories"]:
+            items = [s for s in samples if s["category"] == category]
+            _, scores = _model_outputs(torch.stack([s["image"] for s in items]))
+            gate = data["extras"]["gate"]["categories"][category]
+            assert gate["all"] == pytest.approx(float(2 * scores.double().mean()), rel=1e-6)
+            assert data["extras"]["expert_share"]["categories"][category]["all"] == [[1.0, 1.0]] * 4
+    assert "entropy_map" not in pix["extras"]  # maps are gallery-only
     assert img["mean"]["image_auroc"] == img["categories"]["only"]["image_auroc"]
 
 
