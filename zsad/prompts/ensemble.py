@@ -144,6 +144,9 @@ class EnsembleTextCache:
                 sentences += group
                 counts.append(len(group))
         tokens = encoder.tokenize(sentences)
+        # The text tower is causal and pools at EOT (the largest id): positions after the longest sentence's EOT
+        # cannot change any pooled feature, so they are not computed (~5x less work than the 77-token context).
+        tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
         device = _device_of(encoder)
         if device is not None:
             tokens = tokens.to(device)
