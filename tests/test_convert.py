@@ -92,7 +92,9 @@ def test_unknown_and_missing_keys_are_named(official_vectors, faithful_cfg):
     with pytest.raises(ConversionError, match=r"ctx_pos.*n_ctx=12.*method\.n_ctx"):
         anomalyclip.to_zsad(short, faithful_cfg)
     wide = {**official_vectors, "compound_prompts_text.2": torch.zeros(5, 768)}
-    with pytest.raises(ConversionError, match=r"deep_len=4.*method\.deep_len.*compound_prompts_text\.2 \[5, 768\]"):
+    with pytest.raises(
+        ConversionError, match=r"deep_len=4.*method\.deep_len.*compound_prompts_text\.2 \[5, 768\]"
+    ):
         anomalyclip.to_zsad(wide, faithful_cfg)
     with pytest.raises(ConversionError, match=r"missing keys \['prompts.deep'\]"):
         anomalyclip.to_official({"prompts.ctx": torch.zeros(1, 2, 12, 768)}, faithful_cfg)
