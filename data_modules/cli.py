@@ -33,10 +33,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--contact-sheet", metavar="PNG", help="also save a preview grid with mask outlines")
     synth.set_defaults(func=_synth)
 
-    check = sub.add_parser("check", help="read a dataset and print a per-category table")
+    check = sub.add_parser(
+        "check", help="read a dataset, decode every image and mask, and print a per-category table"
+    )
     _dataset_args(check)
     check.add_argument(
-        "--decode", action="store_true", help="decode every image and mask (finds truncated files)"
+        "--fast",
+        action="store_true",
+        help="read file headers only (sizes, no pixels): quicker, but a truncated file passes",
     )
     check.set_defaults(func=_check)
 
@@ -75,33 +79,60 @@ def _fmt_sizes(sizes: set[tuple[int, int]]) -> str:
     return f"{len(sizes)} sizes" if sizes else "-"
 
 
+def _sizes(sample: Sample, decode: bool) -> tuple[tuple[int, int], tuple[int, int] | None]:
+    """``(width, height)`` of a sample's image and mask: decoded in full, or (``decode=False``) from the headers.
+
+    Raises:
+        DataError: a missing, unreadable or (when decoding) truncated file, naming it.
+    """
+    if not decode:
+        mask = image_size(sample.mask_path) if sample.mask_path is not None else None
+        return image_size(sample.image_path), mask
+    h, w = load_image(sample.image_path).shape[:2]
+    if sample.mask_path is None:
+        return (w, h), None
+    mh, mw = load_mask(sample.mask_path).shape
+    return (w, h), (mw, mh)
+
+
 def _category_rows(samples: Sequence[Sample], decode: bool) -> tuple[list[list[str]], list[str]]:
-    """Table rows per category and the size-mismatch note (printed once, with one example)."""
+    """Table rows per category and the size-mismatch note (printed once, with one example).
+
+    Args:
+        samples: the dataset's samples.
+        decode: decode every image and mask (a progress bar on stderr); ``False`` reads the headers only.
+    """
+    from tqdm.auto import tqdm
+
     by_cat: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         by_cat[s.category].append(s)
     rows, mismatches, example = [], 0, ""
-    for cat, items in by_cat.items():
-        sizes = set()
-        for s in items:
-            size = image_size(s.image_path)
-            sizes.add(size)
-            if s.mask_path is not None:
-                msize = image_size(s.mask_path)
-                if msize != size:
+    bar = tqdm(total=len(samples), desc="decoding" if decode else "headers", unit="img", file=sys.stderr)
+    with bar:
+        for cat, items in by_cat.items():
+            sizes = set()
+            for s in items:
+                size, msize = _sizes(s, decode)
+                bar.update()
+                sizes.add(size)
+                if msize is not None and msize != size:
                     mismatches += 1
                     example = (
                         example or f"{s.mask_path} is {msize[0]}x{msize[1]}, its image {size[0]}x{size[1]}"
                     )
-            if decode:
-                load_image(s.image_path)
-                if s.mask_path is not None:
-                    load_mask(s.mask_path)
-        n_anom = sum(s.label for s in items)
-        n_masks = sum(s.mask_path is not None for s in items)
-        rows.append(
-            [cat, items[0].class_name, str(len(items) - n_anom), str(n_anom), str(n_masks), _fmt_sizes(sizes)]
-        )
+            n_anom = sum(s.label for s in items)
+            n_masks = sum(s.mask_path is not None for s in items)
+            rows.append(
+                [
+                    cat,
+                    items[0].class_name,
+                    str(len(items) - n_anom),
+                    str(n_anom),
+                    str(n_masks),
+                    _fmt_sizes(sizes),
+                ]
+            )
     notes = []
     if mismatches:
         notes.append(
@@ -120,7 +151,7 @@ def _print_table(rows: list[list[str]]) -> None:
 def _check(args: argparse.Namespace) -> int:
     try:
         samples, report = read_with_report(args.dataset, args.root, args.categories)
-        rows, notes = _category_rows(samples, args.decode)
+        rows, notes = _category_rows(samples, decode=not args.fast)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
