@@ -3,6 +3,10 @@
 ``build_dinov3(name, pretrained)`` resolves the weights (a timm tag such as ``lvd1689m``, a local timm or Meta
 checkpoint file, or ``none`` for random weights) and returns a :class:`DINOv3Backbone` whose forward gives, for every
 tapped block, the block output passed through the model's final norm and split into CLS, register and patch tokens.
+
+A Meta DINOv3 ``.pth`` is translated key by key (:func:`meta_to_timm`): its RoPE periods replace timm's recomputed
+ones (and survive dtype casts), its q/v biases load into timm's ``…_qkvb`` variant with the k bias masked as Meta's
+``LinearKMaskedBias`` does, and what timm cannot reproduce is a ``WeightsError`` naming the key.
 """
 
 from __future__ import annotations
