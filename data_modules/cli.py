@@ -9,7 +9,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_modules.errors import DataError
 from data_modules.imageio import image_size, load_image, load_mask
 from data_modules.meta import write_meta
 from data_modules.readers import READERS, read_with_report, tasks_of
@@ -149,12 +148,9 @@ def _print_table(rows: list[list[str]]) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    try:
-        samples, report = read_with_report(args.dataset, args.root, args.categories)
-        rows, notes = _category_rows(samples, decode=not args.fast)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """Raises DataError (a missing folder, an unreadable or truncated file …); ``zsad``'s main prints it."""
+    samples, report = read_with_report(args.dataset, args.root, args.categories)
+    rows, notes = _category_rows(samples, decode=not args.fast)
     pixel, image = tasks_of(args.dataset, samples)
     print(
         f"{args.dataset} at {Path(args.root).resolve()}: tasks: image={'yes' if image else 'no'}, pixel={'yes' if pixel else 'no'}"
@@ -167,11 +163,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _to_meta(args: argparse.Namespace) -> int:
-    try:
-        samples, report = read_with_report(args.dataset, args.root, args.categories)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    samples, report = read_with_report(args.dataset, args.root, args.categories)
     path = write_meta(samples, args.root, args.out)
     print(f"wrote {path} ({len(samples)} test items); {report.summary(args.dataset, samples)}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -12,12 +13,14 @@ from torch import Tensor
 #   cleaned         the reader's cleaned name (``Sample.class_name``: "metal nut", "pcb", "product");
 #   reference_path  AVA-DINO's official rule ``image_path.split('/')[-4]``, raw: "metal_nut" for MVTec, "Data" for
 #                   every VisA image, "01" for BTAD (see ``data_modules.dataset.reference_class_name``).
-CLASS_NAME_SOURCES: tuple[str, ...] = ("cleaned", "reference_path")
+ClassNameSource = Literal["cleaned", "reference_path"]
+CLASS_NAME_SOURCES: tuple[str, ...] = get_args(ClassNameSource)
 # How a mask is resized to the input size (``data.mask_resize``):
 #   float  bilinear on a 0/1 float mask, then > 0.5: exact-half pixels become background;
 #   uint8  the official AVA-DINO / AnomalyCLIP loaders' rule: bilinear on the 0/255 mask as a uint8 mode-L image,
 #          then /255 > 0.5: exact-half pixels (rounded to 128) become foreground.
-MASK_RESIZE_RULES: tuple[str, ...] = ("float", "uint8")
+MaskResizeRule = Literal["float", "uint8"]
+MASK_RESIZE_RULES: tuple[str, ...] = get_args(MaskResizeRule)
 
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> str:

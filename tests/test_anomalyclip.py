@@ -131,11 +131,6 @@ def test_trainable_state_excludes_the_backbone():
     assert model.identity()["name"] == "tiny" and model.identity()["image_size"] == SIZE
 
 
-def test_bad_score_rule_is_rejected():
-    with pytest.raises(ValueError, match="method.score_rule"):
-        tiny_model(score_rule="median")
-
-
 def test_method_yaml_composes_to_the_paper_config():
     cfg = compose([EXPERIMENTS / "methods" / "anomalyclip.yaml"])
     m = cfg.method
@@ -150,7 +145,6 @@ def test_method_yaml_composes_to_the_paper_config():
         1e-3,
         [0.5, 0.999],
     )
-    assert OmegaConf.to_container(m) == OmegaConf.to_container(OmegaConf.structured(AnomalyCLIPConfig()))
 
 
 def test_seg_weight_scales_only_the_segmentation_terms():

@@ -109,3 +109,53 @@ def test_gpu_trainer_files_do_not_ask_for_strict_determinism():
         cfg = compose([EXPERIMENTS / "methods" / "ava_dino.yaml", path])
         if cfg.trainer.accelerator != "cpu":
             assert trainer_deterministic(cfg.trainer.deterministic) in (False, "warn"), path.name
+
+
+# Every option field with a fixed set of values, per method: (method, key, a bad value, the allowed values).
+OPTION_FIELDS = [
+    ("anomalyclip", "method.score_rule", "median", "global | max | mean_topk"),
+    ("anomalyclip", "method.map_reduce", "max", "mean | sum"),
+    ("anomalyclip", "method.clip.pos_interp", "nearest", "bilinear | bicubic"),
+    ("anomalyclip", "method.stages.main.optim.name", "sgd", "adam | adamw"),
+    ("mpa", "method.bridge", "mean", "max | none | score_max"),
+    ("mpama", "method.moe_placement", "before", "slot | after"),
+    ("mpama", "method.frozen_dispatch", "sparse", "gather | dense"),
+    ("entroad", "method.score_rule", "global", "max | mean_topk"),
+    ("entroad", "method.entropy", "bogus", "row_entropy | entropy_rate | two_level | none"),
+    ("entroad", "method.route_norm", "l2", "l1 | softmax"),
+    ("entroad", "method.memory_regions", "soft", "pure | coverage"),
+    ("ava_dino", "method.routing", "topk", "text | uniform"),
+    ("ava_dino", "method.score_rule", "global", "max | mean_topk"),
+    ("winclip", "method.score_rule", "median", "global | global_max | max | mean_topk"),
+    ("winclip", "data.class_name", "raw", "cleaned | reference_path"),
+    ("winclip", "data.mask_resize", "nearest", "float | uint8"),
+    ("winclip", "logger", "tensorboard", "csv | wandb | none"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "bad", "allowed"), OPTION_FIELDS, ids=[f"{m}-{k}" for m, k, *_ in OPTION_FIELDS]
+)
+def test_bad_option_value_is_a_config_error_naming_key_and_choices(method, key, bad, allowed):
+    """Option fields are Literal types: a bad value stops at compose time (override or YAML layer alike)."""
+    from zsad.config import EXPERIMENTS
+
+    with pytest.raises(ConfigError) as exc:
+        compose([EXPERIMENTS / "methods" / f"{method}.yaml"], [f"{key}={bad}"])
+    assert str(exc.value) == f"{key}={bad}: expected one of {allowed}"
+    good = allowed.split(" | ")[-1]
+    assert (
+        OmegaConf.select(compose([EXPERIMENTS / "methods" / f"{method}.yaml"], [f"{key}={good}"]), key)
+        == good
+    )
+
+
+def test_method_yamls_only_select_the_method():
+    """The paper defaults live in the dataclasses: a method YAML holds nothing but ``method.name``."""
+    from zsad.config import EXPERIMENTS
+    from zsad.methods.registry import METHODS
+
+    for name in METHODS:
+        assert OmegaConf.to_container(OmegaConf.load(EXPERIMENTS / "methods" / f"{name}.yaml")) == {
+            "method": {"name": name}
+        }

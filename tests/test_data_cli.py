@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,14 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_modules import cli
+from zsad.cli import main
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="zsad")
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["data", *argv])
-    return args.func(args)
+    """``zsad data ARGV`` through the main CLI, which turns a DataError into one line on stderr and exit code 2."""
+    return main(["data", *argv])
 
 
 def _png(path: Path, shape: tuple[int, ...]) -> None:

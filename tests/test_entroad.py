@@ -314,11 +314,6 @@ def test_retrieval_and_z_stay_float32_under_autocast(built, data):
     assert out.anomaly_map.dtype == torch.float32 and out.extras["entropy_map"].dtype == torch.float32
 
 
-def test_unknown_memory_region_rule_is_a_config_error():
-    with pytest.raises(ValueError, match="method.memory_regions"):
-        _model(memory_regions="soft")
-
-
 # --- configs ----------------------------------------------------------------------------------------------------------
 
 

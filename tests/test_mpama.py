@@ -73,8 +73,6 @@ def train_steps(model, batch, steps: int, lr: float) -> None:
 
 
 def test_mpa_bad_bridge_and_kernels_are_rejected():
-    with pytest.raises(ValueError, match="method.bridge"):
-        tiny_mpa(bridge="mean")
     with pytest.raises(ValueError, match="method.kernels"):
         tiny_mpa(kernels=[1, 4])
     with pytest.raises(ValueError, match="method.bridge"):
@@ -289,10 +287,9 @@ TINY_OVERRIDES = [
 
 
 def test_method_yamls_are_the_spec_configs():
-    """The paper configs hold the spec's numbers (mpama.md on clip_substrate.md), and the schema defaults agree."""
-    for name, schema in (("mpa", MPAConfig), ("mpama", MPAMAConfig)):
-        cfg = compose([EXPERIMENTS / "methods" / f"{name}.yaml"])
-        m = cfg.method
+    """The schema defaults (the one home of the paper configs) hold the spec's numbers (mpama.md on clip_substrate.md)."""
+    for schema in (MPAConfig, MPAMAConfig):
+        m = OmegaConf.structured(schema())
         assert m.clip.name == "ViT-L-14-336-quickgelu" and m.clip.pretrained == "openai"
         assert (m.image_size, list(m.taps), m.dpam_start, m.temperature, m.smoothing_sigma) == (
             518,
@@ -310,7 +307,6 @@ def test_method_yamls_are_the_spec_configs():
             1e-3,
             [0.5, 0.999],
         )
-        assert OmegaConf.to_container(m) == OmegaConf.to_container(OmegaConf.structured(schema()))
     m = compose([EXPERIMENTS / "methods" / "mpama.yaml"]).method
     assert (m.n_experts, m.expert_hidden, m.expert_scale, m.top_k) == (4, 64, 0.1, 2)
     assert (m.use_zero_expert, m.use_frozen_expert, m.router_noise, m.balance_alpha) == (

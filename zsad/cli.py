@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -120,14 +121,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from zsad.convert import ConversionError, convert
+    from zsad.convert import convert
 
     layers, overrides = _split(args.config)
-    try:
-        out = convert(args.method, Path(args.official), Path(args.out), overrides=overrides, layers=layers)
-    except ConversionError as e:
-        print(f"zsad convert: {e}", file=sys.stderr)
-        return 2
+    out = convert(args.method, Path(args.official), Path(args.out), overrides=overrides, layers=layers)
     print(f"wrote zsad checkpoint {out}")
     print(f"evaluate it with: zsad test checkpoint={out} protocol=… (or data=…)")
     return 0
@@ -137,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zsad", description="Zero-shot anomaly detection: train, test, benchmark."
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and the traceback of a user error"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     cfg_help = "YAML layers (experiments/…) and key=value overrides, in order; group=name loads experiments/<group>s/name.yaml"
 
@@ -198,13 +197,43 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("zsad", "data_modules"):  # Lightning has its own handler; a root handler would print twice
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from zsad.config import ConfigError
-
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"zsad: config error: {e}", file=sys.stderr)
+    except Exception as e:
+        kind = _user_error_kind(e)
+        if kind is None:
+            raise  # a bug, not a user error: the full traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(f"zsad: {kind}: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+# The expected user errors (module, class, what the message line calls it): each stops the CLI with one line on
+# stderr and exit code 2 (-v adds the traceback). Looked up among the modules already imported, because an error
+# class whose module was never imported cannot have been raised, and importing them all (Lightning for
+# CheckpointMismatch) would slow every command down.
+USER_ERRORS: tuple[tuple[str, str, str], ...] = (
+    ("zsad.config", "ConfigError", "config error"),
+    ("data_modules.errors", "DataError", "data error"),
+    ("zsad.backbones.errors", "WeightsError", "weights error"),
+    ("zsad.module", "CheckpointMismatch", "checkpoint mismatch"),
+    ("zsad.convert", "ConversionError", "conversion error"),
+)
+
+
+def _user_error_kind(e: BaseException) -> str | None:
+    """What ``e`` is called in the message line when it is an expected user error, else None."""
+    for module, name, kind in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return kind
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (multi-line messages joined with '; ')."""
+    return "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -6,20 +6,25 @@
    ``method``, ``data``, ``protocol``, ``trainer`` and whose value names a file ``experiments/<group>s/<name>.yaml``
    (``protocol`` → ``experiments/protocols``, ``data`` → ``experiments/data``) loads that file as a layer in place;
 2. the method's schema is chosen from ``method.name`` (see ``zsad.methods.registry``);
-3. every layer is merged into the typed schema, so an unknown key or a value of the wrong type stops with a
-   ``ConfigError`` that names the full key.
+3. every layer is merged into the typed schema, so an unknown key, a value of the wrong type or an option outside
+   its ``Literal[...]`` choices stops with a ``ConfigError`` that names the full key (and the allowed values).
+
+Paper defaults live in one place: the method's dataclass (``experiments/methods/<name>.yaml`` only selects it).
 
 W&B sweeps pass overrides as ``key=value`` (``${args_no_hyphens}``), which is exactly this syntax.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from data_modules.types import ClassNameSource, MaskResizeRule
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 GROUP_DIRS = {"method": "methods", "data": "data", "protocol": "protocols", "trainer": "trainer"}
@@ -29,11 +34,21 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key or file at fault."""
 
 
+# Option fields are Literal types: OmegaConf checks them when a layer is merged, so a bad value is a ConfigError at
+# compose time that names the key and the allowed values (never a late ValueError inside a model).
+OptimName = Literal["adam", "adamw"]
+PosInterp = Literal[
+    "bilinear", "bicubic"
+]  # the backbone keeps the same list (zsad.backbones.clip.POS_INTERP)
+MapScoreRule = Literal["max", "mean_topk"]  # zsad.maps.image_score's rules; methods may add their own
+LoggerName = Literal["csv", "wandb", "none"]
+
+
 @dataclass
 class OptimConfig:
     """Optimiser and schedule of one training stage."""
 
-    name: str = "adam"  # adam | adamw
+    name: OptimName = "adam"
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     weight_decay: float = 0.0
@@ -64,7 +79,9 @@ class CLIPBackboneConfig(BackboneConfig):
     ablations (``experiments/ablations/anomalyclip_pos_bicubic.yaml``, ``…_global_ln_post.yaml``).
     """
 
-    pos_interp: str = "bilinear"  # bilinear (reference) | bicubic: 24×24 → 37×37 positional-embedding resize
+    pos_interp: PosInterp = (
+        "bilinear"  # bilinear (reference) | bicubic: 24×24 → 37×37 positional-embedding resize
+    )
     global_ln_post: bool = False  # False (reference): global embedding x_ori[CLS] @ proj; True: ln_post first
 
 
@@ -76,7 +93,7 @@ class MethodConfig:
     image_size: int = 518
     batch_size: int = 8  # paper default; data.batch_size overrides when set
     smoothing_sigma: float = 4.0
-    score_rule: str = "max"
+    score_rule: MapScoreRule = "max"  # methods with their own image score (global …) redeclare it
     stages: dict[str, StageConfig] = field(default_factory=dict)
 
 
@@ -115,10 +132,10 @@ class DataConfig:
     cache_dir: str = ".cache/resized"
     # The prompts' class name: cleaned (the reader's: "metal nut") | reference_path (AVA-DINO's official
     # image_path.split('/')[-4], raw: "metal_nut", "Data" for every VisA image, "01" for BTAD).
-    class_name: str = "cleaned"
+    class_name: ClassNameSource = "cleaned"
     # Mask resize: float (bilinear on 0/1, > 0.5; exact halves → background) | uint8 (the official loaders: bilinear
     # on the 0/255 mode-L image, /255 > 0.5; exact halves → foreground).
-    mask_resize: str = "float"
+    mask_resize: MaskResizeRule = "float"
     synthetic: SyntheticConfig = field(default_factory=lambda: SyntheticConfig())
 
 
@@ -169,7 +186,7 @@ class RunConfig:
     out_dir: str = "runs"
     variant: str = ""  # ablation / configuration name shown next to the method (experiments/ablations set it)
     run_name: str = ""  # empty → <method>[-<variant>]-<protocol>-s<seed>
-    logger: str = "csv"  # csv | wandb | none
+    logger: LoggerName = "csv"
     checkpoint: str = ""  # trainable-state checkpoint to test from / resume
 
 
@@ -245,19 +262,7 @@ def compose(layers: list[str | Path] = (), overrides: list[str] = ()) -> DictCon
     if missing:
         raise ConfigError(f"required config keys not set: {', '.join(missing)}")
     trainer_deterministic(cfg.trainer.deterministic)  # a wrong value stops here, naming the key
-    _check_data_choices(cfg)
     return cfg
-
-
-def _check_data_choices(cfg: DictConfig) -> None:
-    """The data options with a fixed set of values: a wrong one stops at compose time, naming the key."""
-    from data_modules.types import CLASS_NAME_SOURCES, MASK_RESIZE_RULES, check_choice
-
-    try:
-        check_choice("data.class_name", str(cfg.data.class_name), CLASS_NAME_SOURCES)
-        check_choice("data.mask_resize", str(cfg.data.mask_resize), MASK_RESIZE_RULES)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def trainer_deterministic(value: Any) -> bool | str:
@@ -274,8 +279,13 @@ def trainer_deterministic(value: Any) -> bool | str:
 
 
 def _explain(e: OmegaConfBaseException) -> str:
+    """One line naming the full key; an option outside its choices reads ``key=value: expected one of a | b``."""
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0]
+    choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+    if key and choice:
+        allowed = " | ".join(a.strip().strip("'") for a in choice.group(2).split(","))
+        return f"{key}={choice.group(1)}: expected one of {allowed}"
     return f"config key '{key}': {msg}" if key else msg
 
 

@@ -19,7 +19,7 @@ maps, λ = 4, fp16 rounding of the deep text prompts; the CLIP defaults already 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,10 @@ from zsad.maps import gaussian_blur, image_score, tokens_to_grid, upsample
 from zsad.methods.base import ZSADMethod
 from zsad.types import AnomalyOutput
 
-SCORE_RULES = ("global", "max", "mean_topk")
-MAP_REDUCE = ("mean", "sum")
+ScoreRule = Literal["global", "max", "mean_topk"]
+MapReduce = Literal["mean", "sum"]
+SCORE_RULES = get_args(ScoreRule)
+MAP_REDUCE = get_args(MapReduce)
 
 
 @dataclass
@@ -45,7 +47,9 @@ class AnomalyCLIPConfig(MethodConfig):
     image_size: int = 518
     batch_size: int = 8
     smoothing_sigma: float = 4.0
-    score_rule: str = "global"  # global (anomalous probability of the global embedding) | max | mean_topk
+    score_rule: ScoreRule = (
+        "global"  # global (anomalous probability of the global embedding) | max | mean_topk
+    )
     topk_frac: float = 0.01  # fraction of pixels averaged by the mean_topk rule
     stages: dict[str, StageConfig] = field(
         default_factory=lambda: {
@@ -67,7 +71,7 @@ class AnomalyCLIPConfig(MethodConfig):
     seg_weight: float = 1.0
     # How the per-tap (and per-level) maps combine into the test map: mean (the spec; a map in [0, 1]) or sum (the
     # public test.py; [0, L·P]). Same ranking either way, but the absolute map values differ.
-    map_reduce: str = "mean"
+    map_reduce: MapReduce = "mean"
     # The public code casts every deep text prompt to fp16 in each text forward (AnomalyCLIP.py, the expanded
     # per-prompt copy ``.half()``): the text encoder sees them rounded, and each prompt copy's gradient is rounded
     # to fp16 before the copies are summed in fp32. True reproduces that; False keeps them in full precision.
@@ -118,14 +122,10 @@ class AnomalyCLIP(ZSADMethod):
 
     # --- configuration hooks (overridden by MPA) ---------------------------------------------------------------
     def _check_config(self) -> None:
-        if self.cfg.score_rule not in SCORE_RULES:
-            raise ValueError(f"method.score_rule: {self.cfg.score_rule!r}; expected one of {SCORE_RULES}")
         if not self.cfg.taps:
             raise ValueError("method.taps: at least one block must be tapped")
         if float(self.cfg.seg_weight) < 0:
             raise ValueError(f"method.seg_weight: must be ≥ 0, got {self.cfg.seg_weight}")
-        if self.cfg.map_reduce not in MAP_REDUCE:
-            raise ValueError(f"method.map_reduce: {self.cfg.map_reduce!r}; expected one of {MAP_REDUCE}")
 
     def kernels(self) -> list[int]:
         """Pooling kernel of each perception level (AnomalyCLIP: one level, no pooling)."""

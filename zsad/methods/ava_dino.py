@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from data_modules.types import Batch
 from zsad.backbones.clip import build_clip
 from zsad.backbones.dinov3 import build_dinov3
-from zsad.config import BackboneConfig, MethodConfig, OptimConfig, StageConfig
+from zsad.config import BackboneConfig, MapScoreRule, MethodConfig, OptimConfig, StageConfig
 from zsad.losses import dice_loss, focal_loss
 from zsad.maps import gaussian_blur, image_score, upsample
 from zsad.methods.base import IMAGENET_MEAN, IMAGENET_STD, ZSADMethod
@@ -30,7 +30,8 @@ CM_SCALE = 100.0  # cross-modal and global logit scale (CLIP's)
 AACM_SCALE = 10.0  # patch · fused-CLS logit scale of the calibration map
 LRELU_SLOPE = 0.01
 STD_EPS = 1e-6
-ROUTINGS = ("text", "uniform")
+Routing = Literal["text", "uniform"]
+ROUTINGS = get_args(Routing)
 
 
 @dataclass
@@ -41,7 +42,7 @@ class AvaDinoConfig(MethodConfig):
     image_size: int = 512
     batch_size: int = 16
     smoothing_sigma: float = 0.0  # the reference does not smooth
-    score_rule: str = "max"
+    score_rule: MapScoreRule = "max"
     stages: dict[str, StageConfig] = field(
         default_factory=lambda: {
             "main": StageConfig(
@@ -66,7 +67,7 @@ class AvaDinoConfig(MethodConfig):
     w_glob: float = 0.25
     w_route: float = 0.1
     # ablations
-    routing: str = "text"  # text | uniform (single adapter: w = 0.5 / 0.5)
+    routing: Routing = "text"  # text | uniform (single adapter: w = 0.5 / 0.5)
     route_reg: bool = True
     aacm: bool = True
     cls_adapt: bool = True

@@ -21,7 +21,7 @@ Not included: WinCLIP+'s few-shot reference memory (this repository is zero-shot
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ from zsad.methods.base import ZSADMethod
 from zsad.prompts.ensemble import EnsembleTextCache
 from zsad.types import AnomalyOutput
 
-SCORE_RULES = ("global", "global_max", "max", "mean_topk")
+ScoreRule = Literal["global", "global_max", "max", "mean_topk"]
+SCORE_RULES = get_args(ScoreRule)
 
 
 @dataclass
@@ -45,7 +46,7 @@ class WinCLIPConfig(MethodConfig):
     image_size: int = 240
     batch_size: int = 8
     smoothing_sigma: float = 4.0
-    score_rule: str = "global"
+    score_rule: ScoreRule = "global"
     topk_frac: float = 0.01
     stages: dict[str, StageConfig] = field(default_factory=dict)  # training-free: no stage
     clip: BackboneConfig = field(
@@ -85,8 +86,6 @@ class WinCLIP(ZSADMethod):
         from zsad.backbones.clip import build_clip
 
         super().__init__(cfg)
-        if cfg.score_rule not in SCORE_RULES:
-            raise ValueError(f"method.score_rule: {cfg.score_rule!r}; expected one of {SCORE_RULES}")
         if not cfg.scales or any(int(k) < 1 for k in cfg.scales):
             raise ValueError(f"method.scales: window sides ≥ 1 patch, got {list(cfg.scales)}")
         if cfg.stages:

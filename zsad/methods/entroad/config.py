@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zsad.config import CLIPBackboneConfig, MethodConfig, OptimConfig, StageConfig
+from zsad.config import CLIPBackboneConfig, MapScoreRule, MethodConfig, OptimConfig, StageConfig
+from zsad.methods.entroad.entropy import Entropy
+from zsad.methods.entroad.memory import RegionRule
+from zsad.methods.entroad.routing import RouteNorm
 
 
 def _stages() -> dict[str, StageConfig]:
@@ -23,7 +26,7 @@ class EntroADConfig(MethodConfig):
     image_size: int = 518
     batch_size: int = 8
     smoothing_sigma: float = 4.0
-    score_rule: str = "mean_topk"  # map part of the image score: mean_topk | max
+    score_rule: MapScoreRule = "mean_topk"  # map part of the image score
     stages: dict[str, StageConfig] = field(default_factory=_stages)
     clip: CLIPBackboneConfig = field(
         default_factory=lambda: CLIPBackboneConfig(name="ViT-L-14-336-quickgelu", pretrained="openai")
@@ -38,7 +41,7 @@ class EntroADConfig(MethodConfig):
     )
     # pure (MRAD: bilinear-resized mask == 1 / == 0, i.e. a patch takes its centre's label) | coverage (anomalous
     # where the defect covers >= region_coverage of the patch, normal where it covers none, in between neither)
-    memory_regions: str = "pure"
+    memory_regions: RegionRule = "pure"
     region_coverage: float = 0.5
     memory_batch_size: int = 16
     memory_workers: int = 4
@@ -51,13 +54,13 @@ class EntroADConfig(MethodConfig):
     image_temperature: float = 0.07  # CE(image probabilities / T, y)
 
     # --- structural entropy -------------------------------------------------------------------------------------
-    entropy: str = "row_entropy"  # row_entropy | entropy_rate | two_level | none (ê ≡ 0.5)
+    entropy: Entropy = "row_entropy"  # row_entropy | entropy_rate | two_level | none (ê ≡ 0.5)
     two_level_k: int = 8  # k-means modules of the two_level entropy
     two_level_iters: int = 5
 
     # --- routing and gate ---------------------------------------------------------------------------------------
     route_temperature: float = 0.1  # T in ê^{1/T}
-    route_norm: str = "l1"  # l1 | softmax
+    route_norm: RouteNorm = "l1"
     gate: bool = True  # false → g = 1
     gate_tau: float = 0.5
     gate_k0: float = 5.0

@@ -24,10 +24,13 @@ Per tap the chosen ``H^l`` is computed, averaged over taps and min-max normalise
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import Tensor
 
-ENTROPIES = ("row_entropy", "entropy_rate", "two_level", "none")
+Entropy = Literal["row_entropy", "entropy_rate", "two_level", "none"]
+ENTROPIES = get_args(Entropy)
 _EPS = 1e-12
 
 

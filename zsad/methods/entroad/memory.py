@@ -18,7 +18,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +170,8 @@ def cache_key(samples: list[Sample], identity: dict[str, Any], settings: dict[st
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-REGION_RULES = ("pure", "coverage")
+RegionRule = Literal["pure", "coverage"]
+REGION_RULES = get_args(RegionRule)
 _PURE_EPS = 1e-4
 
 

@@ -5,13 +5,16 @@ All functions are batched over images and patches (spec ``entroad.md`` § Stage 
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from zsad.maps import tokens_to_grid
 
-ROUTE_NORMS = ("l1", "softmax")
+RouteNorm = Literal["l1", "softmax"]
+ROUTE_NORMS = get_args(RouteNorm)
 _EPS = 1e-12
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from zsad.losses import router_z_loss, switch_balance_loss
 
-FROZEN_DISPATCH = ("gather", "dense")
+FrozenDispatch = Literal["gather", "dense"]
+FROZEN_DISPATCH = get_args(FrozenDispatch)
 
 
 class Routing(NamedTuple):

@@ -10,6 +10,7 @@ max(global anomalous probability against g, mean of the top ``topk_frac`` of the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,8 @@ from zsad.config import OptimConfig, StageConfig
 from zsad.maps import image_score
 from zsad.methods.anomalyclip import AnomalyCLIP, AnomalyCLIPConfig
 
-BRIDGES = ("max", "none", "score_max")
+Bridge = Literal["max", "none", "score_max"]
+BRIDGES = get_args(Bridge)
 
 
 @dataclass
@@ -33,7 +35,7 @@ class MPAConfig(AnomalyCLIPConfig):
         }
     )
     kernels: list[int] = field(default_factory=lambda: [1, 3, 5])  # one perception level per odd kernel
-    bridge: str = "max"  # max | none | score_max
+    bridge: Bridge = "max"
 
 
 def cross_level_bridge(global_pair: Tensor, local_pairs: Tensor) -> Tensor:
@@ -48,8 +50,6 @@ class MPA(AnomalyCLIP):
     def _check_config(self) -> None:
         super()._check_config()
         cfg = self.cfg
-        if cfg.bridge not in BRIDGES:
-            raise ValueError(f"method.bridge: {cfg.bridge!r}; expected one of {BRIDGES}")
         kernels = list(cfg.kernels)
         if not kernels or any(int(k) < 1 or int(k) % 2 == 0 for k in kernels):
             raise ValueError(f"method.kernels: expected a non-empty list of odd kernels ≥ 1, got {kernels}")

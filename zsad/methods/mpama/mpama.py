@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -26,11 +26,12 @@ from data_modules.types import Batch
 from zsad.backbones.base import VisionFeatures
 from zsad.config import OptimConfig, StageConfig
 from zsad.methods.base import Stage
-from zsad.methods.mpama.moe import Routing, TokenMoE, routing_stats
+from zsad.methods.mpama.moe import FrozenDispatch, Routing, TokenMoE, routing_stats
 from zsad.methods.mpama.mpa import MPA, MPAConfig
 from zsad.types import AnomalyOutput, ExtraSpec
 
-PLACEMENTS = ("slot", "after")
+MoePlacement = Literal["slot", "after"]
+PLACEMENTS = get_args(MoePlacement)
 MOE_STAGES = ("moe", "joint")
 
 
@@ -54,13 +55,15 @@ class MPAMAConfig(MPAConfig):
     router_noise: bool = True
     balance_alpha: float = 0.01  # α of the Switch load-balance loss (0 = off)
     z_loss_weight: float = 0.0  # router z-loss weight (the spec's optional 1e-3)
-    moe_placement: str = "slot"  # slot (MLP slot of the V-V path) | after (on the projected tapped tokens)
+    moe_placement: MoePlacement = (
+        "slot"  # slot (MLP slot of the V-V path) | after (on the projected tapped tokens)
+    )
     moe_layers: list[int] | None = None  # 1-based blocks with a MoE (slot placement); null = the taps
     # Slot placement in every V-V block dpam_start .. last tap (ViT-L: 6..24, 19 routers) instead of the taps; a
     # depth-free spelling of moe_layers that also holds on the 4-block tiny preset.
     moe_every_vv_block: bool = False
     # Frozen-expert dispatch: gather (routed tokens only, one host sync per layer) | dense (sync-free, same result).
-    frozen_dispatch: str = "gather"
+    frozen_dispatch: FrozenDispatch = "gather"
     joint: bool = False  # one stage `joint` training prompts and MoE together (ablation)
 
 
@@ -104,8 +107,6 @@ class MPAMA(MPA):
 
     def _check_moe_config(self) -> None:
         cfg = self.cfg
-        if cfg.moe_placement not in PLACEMENTS:
-            raise ValueError(f"method.moe_placement: {cfg.moe_placement!r}; expected one of {PLACEMENTS}")
         if cfg.moe_placement == "after":
             if cfg.use_frozen_expert:
                 raise ValueError(
