@@ -197,3 +197,21 @@ def test_target_equal_to_training_set_is_refused(cfg_factory):
 
     with pytest.raises(ConfigError, match="auxiliary training set"):
         train(cfg_factory("data.test=[{name: synthetic_textures}]"))
+
+
+def test_clip_checkpoints_from_before_the_reference_defaults_load_with_the_old_switches():
+    """Identities saved before issue 12 have no pos_interp / global_ln_post: they were bicubic + ln_post."""
+    from zsad.module import check_identity
+
+    old = {"kind": "clip", "name": "tiny", "pretrained": "none", "quick_gelu": True, "image_size": 56}
+    ckpt = {"zsad": {"method": "anomalyclip", "identity": old}}
+    with pytest.raises(
+        CheckpointMismatch,
+        match=r"\['global_ln_post', 'pos_interp'\].*pos_interp=bicubic method\.clip\.global_ln_post=true",
+    ):
+        check_identity(ckpt, "anomalyclip", {**old, "pos_interp": "bilinear", "global_ln_post": False})
+    check_identity(ckpt, "anomalyclip", {**old, "pos_interp": "bicubic", "global_ln_post": True})
+    text_only = {"kind": "clip", "name": "tiny", "pretrained": "none", "quick_gelu": True, "image_size": None}
+    check_identity(
+        {"zsad": {"method": "x", "identity": text_only}}, "x", text_only
+    )  # no vision: nothing filled

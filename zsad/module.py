@@ -182,6 +182,18 @@ class ZSADModule(L.LightningModule):
         }
 
 
+# A CLIP vision tower's identity gained these keys in issue 12, when the defaults moved to the reference codes'
+# behaviour; a checkpoint saved before carries neither and was made with these values.
+LEGACY_CLIP_VISION = {"pos_interp": "bicubic", "global_ln_post": True}
+
+
+def _saved_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """The identity a checkpoint was saved with, with the keys older versions did not write filled in."""
+    if identity.get("kind") == "clip" and identity.get("image_size") is not None:
+        return {**LEGACY_CLIP_VISION, **identity}
+    return identity
+
+
 def check_identity(checkpoint: dict[str, Any], method: str, identity: dict[str, Any]) -> None:
     """Refuse a checkpoint of another method or backbone, naming both."""
     meta = checkpoint.get("zsad")
@@ -189,7 +201,16 @@ def check_identity(checkpoint: dict[str, Any], method: str, identity: dict[str, 
         raise CheckpointMismatch("not a zsad checkpoint (no 'zsad' metadata)")
     if meta["method"] != method:
         raise CheckpointMismatch(f"checkpoint is for method {meta['method']!r}, not {method!r}")
-    if meta["identity"] != identity:
+    saved = _saved_identity(meta["identity"])
+    if saved != identity:
+        diff = sorted(k for k in saved.keys() | identity.keys() if saved.get(k) != identity.get(k))
+        hint = ""
+        if any(k in LEGACY_CLIP_VISION for k in diff):
+            hint = (
+                f" — set method.clip.pos_interp={saved.get('pos_interp')} "
+                f"method.clip.global_ln_post={str(saved.get('global_ln_post')).lower()} to load it "
+                "(checkpoints from before issue 12 are bicubic + ln_post)"
+            )
         raise CheckpointMismatch(
-            f"checkpoint backbone {meta['identity']} differs from this model's {identity}"
+            f"checkpoint backbone {saved} differs from this model's {identity} in {diff}{hint}"
         )
