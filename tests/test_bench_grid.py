@@ -18,9 +18,10 @@ from omegaconf import OmegaConf
 import zsad.run
 from zsad import config as C
 from zsad.bench import grid
-from zsad.bench.leaderboard import METRIC_KEYS, write_leaderboard
 from zsad.config import ConfigError, MethodConfig
 from zsad.methods import registry
+from zsad.results.leaderboard import write_leaderboard
+from zsad.results.schema import METRIC_KEYS
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "experiments" / "bench"
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from zsad.bench.leaderboard import RANDOM_NOTE, write_leaderboard
-from zsad.bench.plots import read_gallery
+from zsad.results.leaderboard import RANDOM_NOTE, write_leaderboard
+from zsad.results.plots import read_gallery
 
 KEYS = (
     "image_auroc",
@@ -343,7 +343,7 @@ def test_gallery_without_declaration_leaves_extras_out(tmp_path: Path, caplog) -
     _write_gallery(
         tmp_path / "run", "objects", "bottle", imgs, {"entropy_map": np.zeros((2, 4, 4)), "g": np.ones(2)}
     )
-    with caplog.at_level("WARNING", logger="zsad.bench"):
+    with caplog.at_level("WARNING", logger="zsad.results"):
         items = read_gallery(tmp_path / "run", "objects")
     assert len(items) == 2 and all(not it.extra_maps and not it.scalars for it in items.values())
     assert "no extras_spec" in caplog.text

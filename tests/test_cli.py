@@ -40,7 +40,7 @@ def test_argument_that_is_neither_yaml_nor_override():
 
 
 def test_summary_table_shows_percentages_and_undefined():
-    from zsad.cli import summary_table
+    from zsad.results.render import summary_table
 
     doc = {
         "datasets": {

@@ -19,8 +19,9 @@ from test_metrics_evaluator import _collate, _dataset, _trainer
 from torch.utils.data import DataLoader
 
 from data_modules.types import Batch
-from zsad.bench.plots import read_gallery
-from zsad.metrics import METRIC_KEYS, Evaluator, validate_metrics_document
+from zsad.metrics import METRIC_KEYS, Evaluator
+from zsad.results.plots import read_gallery
+from zsad.results.schema import validate_metrics_document
 from zsad.types import ExtraSpec
 
 LAYERS, EXPERTS = ("3", "6", "9"), ("zero", "frozen")
@@ -312,8 +313,8 @@ def test_gallery_figure_draws_the_tables(tmp_path):
     """The leaderboard gallery has a heat-map column per table extra (image_table and batch_table)."""
     from PIL import Image
 
-    from zsad.bench.leaderboard import group_runs, load_run
-    from zsad.bench.plots import gallery
+    from zsad.results import group_runs, load_run
+    from zsad.results.plots import gallery
 
     _run(tmp_path, ExtrasModule(_batches([3, 3, 1], labels_last_normal=True)))
     groups = group_runs([load_run(tmp_path / "run" / "metrics.json")])

@@ -56,25 +56,10 @@ def _checkpoint_config(path: Path) -> Path:
     return out
 
 
-SUMMARY_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_aupro")
-
-
-def summary_table(metrics: dict) -> str:
-    """Per-dataset means of the main metrics, in percent, as papers print them (– = undefined)."""
-    heads = ["dataset", "images", *SUMMARY_KEYS]
-    rows = []
-    for name, data in metrics.get("datasets", {}).items():
-        vals = [data["mean"].get(k) for k in SUMMARY_KEYS]
-        rows.append(
-            [name, str(data.get("n_images", "")), *["–" if v is None else f"{100 * v:.1f}" for v in vals]]
-        )
-    widths = [max(len(r[i]) for r in [heads, *rows]) for i in range(len(heads))]
-    fmt = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    return "\n".join([fmt(heads), *[fmt(r) for r in rows]])
-
-
 def _print_summary(run: Path) -> None:
     import json
+
+    from zsad.results.render import summary_table
 
     path = run / "metrics.json"
     if path.is_file():

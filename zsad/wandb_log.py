@@ -5,23 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zsad.metrics import METRIC_KEYS
+from zsad.results.aggregate import dataset_means, group_runs
+from zsad.results.schema import METRIC_KEYS, load_run
 
-
-def dataset_means(results: dict[str, Any]) -> dict[str, float]:
-    """Mean over datasets of each metric's dataset mean (datasets where it is undefined are left out).
-
-    Logged as ``test/mean/<metric>``: the single number a sweep optimises (on the validation protocol only).
-    """
-    out: dict[str, float] = {}
-    for key in METRIC_KEYS:
-        vals = [d["mean"][key] for d in results["datasets"].values() if d["mean"].get(key) is not None]
-        if vals:
-            out[f"test/mean/{key}"] = sum(vals) / len(vals)
-    return out
+__all__ = ["category_rows", "dataset_means", "log_results"]
 
 
 def category_rows(results: dict[str, Any]) -> list[list[Any]]:
+    """One row per dataset × category (and a ``mean`` row per dataset): dataset, category, every metric."""
     rows = []
     for ds, data in results["datasets"].items():
         for cat, vals in data["categories"].items():
@@ -34,8 +25,7 @@ def log_results(logger: Any, run_dir: Path, results: dict[str, Any]) -> None:
     """Log the per-category table, the cross-dataset means and the heatmap gallery to a WandbLogger's run."""
     import wandb
 
-    from zsad.bench.leaderboard import group_runs, load_run
-    from zsad.bench.plots import gallery
+    from zsad.results.plots import gallery
 
     exp = logger.experiment
     means = dataset_means(results)

@@ -427,7 +427,7 @@ def run_bench(
     """
     from tqdm.auto import tqdm
 
-    from zsad.bench.leaderboard import write_leaderboard
+    from zsad.results.leaderboard import write_leaderboard
 
     spec = load_spec(Path(spec_path), list(overrides))
     out = Path(out) if out is not None else spec.out

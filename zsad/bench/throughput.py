@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from zsad.results.throughput import check_targets, to_markdown
 from zsad.versions import versions
 
 METHODS = ["anomalyclip", "mpa", "mpama", "entroad", "ava_dino"]
@@ -53,13 +54,6 @@ BF16_PEAK_TFLOPS = {
     "A100": 312.0,
     "L40S": 362.0,
     "RTX 4090": 165.0,
-}
-# Issue 9's targets on one H100 (images/s unless named otherwise).
-TARGETS = {
-    "infer_img_s": {"ava_dino": 300.0, "mpama": 300.0, "entroad": 150.0},
-    "train_img_s": {"ava_dino": 100.0, "mpama": 100.0},
-    "metrics_visa_s": 10.0,
-    "mfu_backbone": 0.5,
 }
 # CPU input sides of the tiny presets: the smallest multiples of the patch (14 CLIP, 16 DINOv3) with a 4×4 grid.
 CPU_SIZES = {"ava_dino": 64}
@@ -554,107 +548,6 @@ def measure_metrics(n: int, size: int, categories: int, device: str) -> dict:
     from zsad.bench.metrics_bench import run as metrics_run
 
     return metrics_run(n=n, size=size, categories=categories, device=device)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _fmt(v: float | None, spec: str = ".1f", scale: float = 1.0, suffix: str = "") -> str:
-    return "–" if v is None else f"{v * scale:{spec}}{suffix}"
-
-
-def check_targets(report: dict) -> list[dict]:
-    """Issue 9's targets against the measured rows (only meaningful for paper-size rows on a GPU)."""
-    rows = {r["method"]: r for r in report["methods"] if "error" not in r}
-    out = []
-    for key in ("infer_img_s", "train_img_s"):
-        for method, target in TARGETS[key].items():
-            if method in rows:
-                got = rows[method][key]
-                out.append({"what": f"{method} {key}", "target": target, "got": got, "ok": got >= target})
-    for method, r in rows.items():
-        if r.get("mfu_backbone") is not None:
-            got = r["mfu_backbone"]
-            tgt = TARGETS["mfu_backbone"]
-            out.append({"what": f"{method} mfu_backbone", "target": tgt, "got": got, "ok": got >= tgt})
-    mt = report.get("metrics")
-    if mt:
-        got = mt["evaluate_visa_s"]
-        out.append(
-            {"what": "metrics, VisA-sized", "target": TARGETS["metrics_visa_s"], "got": got, "ok": got < 10.0}
-        )
-    return out
-
-
-def to_markdown(report: dict) -> str:
-    """The throughput table (and loading, metrics, targets) as markdown."""
-    lines = [f"# Throughput — {report['device']}", ""]
-    if not report["gpu"]:
-        lines += [
-            "**No GPU was present**: tiny presets, small batches, CPU fp32. These rows test the harness; they are "
-            "not speed figures for the paper-size models.",
-            "",
-        ]
-    elif report["settings"]["tiny"]:
-        lines += ["**Tiny presets** (not the paper-size models).", ""]
-    v = report["versions"]
-    lines += [
-        f"Random weights (speed does not depend on the weights); {'bf16 autocast' if report['bf16'] else 'fp32'}. "
-        f"Commit {report['commit']}; torch {v.get('torch')}, open_clip {v.get('open_clip_torch')}, "
-        f"timm {v.get('timm')}, lightning {v.get('lightning')}.",
-        "",
-        "| method | input | infer batch | infer img/s | train batch | train img/s (per stage) | backbone share"
-        " | GFLOP/img | MFU fwd / backbone | peak GB infer / train |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in report["methods"]:
-        if "error" in r:
-            lines.append(f"| {r['method']} | error: {r['error'][:100]} | | | | | | | | |")
-            continue
-        stages = ", ".join(f"{k} {x['img_s']:.1f}" for k, x in r["train"].items())
-        lines.append(
-            f"| {r['method']} | {r['image_size']}² | {r['infer_batch']} | {r['infer_img_s']:.1f} "
-            f"| {r['train_batch']} | {stages} | {_fmt(r['backbone_frac'], '.0f', 100, ' %')} "
-            f"| {r['gflops_per_img']:.3g} | {_fmt(r['mfu_forward'], '.0f', 100, ' %')} / "
-            f"{_fmt(r['mfu_backbone'], '.0f', 100, ' %')} | {_fmt(r['infer_peak_gb'])} / {_fmt(r['train_peak_gb'])} |"
-        )
-    variant_rows = [
-        (r["method"], k, x, r["infer_img_s"])
-        for r in report["methods"]
-        for k, x in r.get("variants", {}).items()
-    ]
-    if variant_rows:
-        lines += ["", "| method | variant | infer img/s | vs eager | compile s |", "|---|---|---:|---:|---:|"]
-        for method, k, x, base in variant_rows:
-            lines.append(
-                f"| {method} | {k} | {x['img_s']:.1f} | {x['img_s'] / base:.2f}× | {_fmt(x.get('compile_s'))} |"
-            )
-    ld = report.get("loading")
-    if ld:
-        lines += [
-            "",
-            f"Data loading from disk ({ld['source_side']}² PNG → {ld['size']}², {ld['workers']} workers, batch "
-            f"{ld['batch']}, {ld['images']} images): **{ld['img_s']:.1f} images/s** decoding every time; "
-            f"**{ld['cached_img_s']:.1f} images/s** from the pre-resized cache (built once in "
-            f"{ld['cache_build_s']:.1f} s).",
-        ]
-    mt = report.get("metrics")
-    if mt:
-        lines += [
-            "",
-            f"Metrics (`evaluate()`: image + pixel AUROC/AP/F1max, AUPRO, legacy AUPRO) on {mt['n']} maps at "
-            f"{mt['size']}² in {mt['categories']} categories on {mt['device']}: **{mt['evaluate_s']:.2f} s** "
-            f"(extrapolated to VisA, 2162 maps at 518²: {mt['evaluate_visa_s']:.1f} s).",
-        ]
-    if report["gpu"] and not report["settings"]["tiny"]:
-        lines += ["", "| target (issue 9) | target | measured | met |", "|---|---:|---:|---|"]
-        for t in report["targets"]:
-            lines.append(
-                f"| {t['what']} | {t['target']:g} | {t['got']:.2f} | {'yes' if t['ok'] else '**no**'} |"
-            )
-    return "\n".join(lines) + "\n"
 
 
 def _settings(args: argparse.Namespace, gpu: bool) -> Settings:

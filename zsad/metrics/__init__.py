@@ -4,9 +4,6 @@ from zsad.metrics.evaluator import Evaluator
 from zsad.metrics.functional import (
     DEFAULT_CHUNK,
     FPR_LIMIT,
-    IMAGE_KEYS,
-    METRIC_KEYS,
-    PIXEL_KEYS,
     aupro,
     aupro_legacy,
     auroc,
@@ -17,7 +14,11 @@ from zsad.metrics.functional import (
     f1_max,
     pixel_metrics,
 )
-from zsad.metrics.results import category_means, validate_metrics_document, write_metrics_json
+from zsad.results.schema import (
+    IMAGE_KEYS,
+    METRIC_KEYS,
+    PIXEL_KEYS,
+)  # re-exported: the one list lives in results
 
 __all__ = [
     "DEFAULT_CHUNK",
@@ -31,11 +32,8 @@ __all__ = [
     "auroc",
     "average_precision",
     "binary_metrics",
-    "category_means",
     "connected_components",
     "evaluate",
     "f1_max",
     "pixel_metrics",
-    "validate_metrics_document",
-    "write_metrics_json",
 ]

@@ -20,13 +20,8 @@ from torch import Tensor
 import zsad
 from zsad.dist import destroy_process_group_at_exit
 from zsad.metrics.functional import evaluate
-from zsad.metrics.results import (
-    build_metrics_document,
-    category_means,
-    extras_means,
-    write_gallery,
-    write_metrics_json,
-)
+from zsad.results.aggregate import category_means, extras_means
+from zsad.results.schema import build_metrics_document, write_metrics_json
 from zsad.types import AnomalyOutput, ExtraSpec
 
 
@@ -447,6 +442,14 @@ class Evaluator(Callback):
             arrays,
             [it["path"] for it in chosen],
         )
+
+
+def write_gallery(path: str | Path, arrays: Mapping[str, np.ndarray], paths: list[str]) -> Path:
+    """One compressed ``.npz`` of a category's first images (``paths``, ``maps``, ``masks`` …) for later pictures."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, paths=np.asarray(paths, dtype=str), **arrays)
+    return path
 
 
 def _with_versions(metadata: Mapping[str, Any]) -> dict[str, Any]:

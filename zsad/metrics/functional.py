@@ -19,6 +19,8 @@ import scipy.ndimage
 import torch
 from torch import Tensor
 
+from zsad.results.schema import PIXEL_KEYS
+
 ArrayLike = np.ndarray | Tensor
 
 #: Elements of the sorted order processed per step of the sweep; bounds the temporaries (~60 B per element).
@@ -27,9 +29,6 @@ DEFAULT_CHUNK = 1 << 22
 #: The FPR integration limit of the MVTec AUPRO.
 FPR_LIMIT = 0.3
 
-IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
-PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro", "pixel_aupro_legacy")
-METRIC_KEYS = IMAGE_KEYS + PIXEL_KEYS
 
 # 8-connectivity inside each image, no connection between images of the stack.
 _STRUCTURE_8 = np.zeros((3, 3, 3), dtype=bool)

@@ -24,9 +24,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from zsad.bench.leaderboard import MAIN_KEYS, SHORT, Group, _slug, categories_of, datasets_of
+from zsad.results.aggregate import Group, categories_of, datasets_of
+from zsad.results.render import slug
+from zsad.results.schema import MAIN_KEYS, SHORT
 
-log = logging.getLogger("zsad.bench")
+log = logging.getLogger("zsad.results")
 GALLERY_ROWS = 12  # images per gallery figure, spread over the categories
 CELL_IN = 1.75  # inches per gallery cell
 MAP_CMAP = "inferno"
@@ -39,10 +41,10 @@ def draw_all(groups: dict[str, list[Group]], out: Path, gallery_rows: int = GALL
     written: dict[str, Path] = {}
     for protocol, gs in groups.items():
         for d in datasets_of(gs):
-            path = out / f"bars_{_slug(protocol)}_{_slug(d)}.png"
+            path = out / f"bars_{slug(protocol)}_{slug(d)}.png"
             written[path.stem] = bar_chart(gs, protocol, d, path)
         for d in datasets_of(gs):
-            path = out / f"gallery_{_slug(protocol)}_{_slug(d)}.png"
+            path = out / f"gallery_{slug(protocol)}_{slug(d)}.png"
             if gallery(gs, protocol, d, path, gallery_rows) is not None:
                 written[path.stem] = path
     return written
