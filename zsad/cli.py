@@ -1,4 +1,4 @@
-"""``zsad train | test | bench | predict | convert | data`` — the command line.
+"""``zsad train | test | bench | predict | convert | pretrain | data`` — the command line.
 
 Configs are YAML layers plus ``key=value`` overrides, in order::
 
@@ -115,6 +115,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from zsad.pretrain import cache
+    from zsad.pretrain.build import pretrain, spec_with
+
+    spec = spec_with(
+        clip_steps=args.clip_steps,
+        dino_steps=args.dino_steps,
+        dino_objective=args.dino_objective,
+        per_category=args.per_category,
+        seed=args.seed,
+    )
+    root = cache.cache_dir(args.out)
+    with cache.locked(root):
+        manifest = pretrain(root, spec, force=args.force, only=tuple(args.only))
+    for model, path in cache.toy_paths(root).items():
+        entry = manifest.get(model, {})
+        if entry:
+            print(
+                f"{model}: {path}  sha256 {entry['sha256'][:12]}…  {entry['steps']} steps, {entry['final']}"
+            )
+    print(f"manifest: {root / cache.MANIFEST}  (world contact sheet: {root / 'world.png'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zsad", description="Zero-shot anomaly detection: train, test, benchmark."
@@ -167,6 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
         "experiments/ablations/METHOD_faithful.yaml, e.g. method.clip.pretrained=ViT-L-14-336px.pt",
     )
     c.set_defaults(func=cmd_convert)
+
+    w = sub.add_parser(
+        "pretrain",
+        help="train the toy CLIP and toy DINOv3 on the generated pretraining world (the default bench's weights)",
+    )
+    w.add_argument("--out", default=None, help="cache folder (default $ZSAD_TOY_DIR or <project>/.cache/toy)")
+    w.add_argument("--force", action="store_true", help="rebuild even when the cached weights are current")
+    w.add_argument(
+        "--only", nargs="+", choices=["clip", "dino"], default=["clip", "dino"], help="models to build"
+    )
+    w.add_argument("--seed", type=int, default=None, help="world + training seed (default 0)")
+    w.add_argument("--per-category", type=int, default=None, help="world images per category")
+    w.add_argument("--clip-steps", type=int, default=None, help="toy CLIP training steps")
+    w.add_argument("--dino-steps", type=int, default=None, help="toy DINOv3 training steps")
+    w.add_argument(
+        "--dino-objective",
+        choices=["dino", "ibot", "dino+ibot"],
+        default=None,
+        help="self-supervised loss(es)",
+    )
+    w.set_defaults(func=cmd_pretrain)
 
     from data_modules.cli import register
 

@@ -44,6 +44,16 @@ TINY_CONFIG: dict[str, Any] = {
     "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 16, "patch_size": 14},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
+# The architecture ``zsad pretrain`` trains on its generated world (zsad/pretrain): the tiny recipe with its native
+# positional grid at the CPU benchmark's input size (112² → 8×8 patches), so toy weights need no resizing there.
+TOY_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 112, "layers": 4, "width": 64, "head_width": 16, "patch_size": 14},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
+}
+# Architectures of zsad's own (no open_clip config, no published tags): method.clip.name = tiny | toy.
+PRESETS: dict[str, dict[str, Any]] = {"tiny": TINY_CONFIG, "toy": TOY_CONFIG}
 
 # Keys of a full CLIP state dict that belong to neither tower (attn_mask: a buffer TorchScript archives keep).
 _SHARED_KEYS = {"logit_scale", "logit_bias", "input_resolution", "context_length", "vocab_size", "attn_mask"}
@@ -539,8 +549,8 @@ def build_clip(
     """Build frozen CLIP towers from an open_clip model config and resolve their weights.
 
     Args:
-        name: open_clip model name (the paper: ``ViT-L-14-336-quickgelu``) or ``tiny`` (test/CPU preset,
-            :data:`TINY_CONFIG`).
+        name: open_clip model name (the paper: ``ViT-L-14-336-quickgelu``), ``tiny`` (test/CPU preset,
+            :data:`TINY_CONFIG`) or ``toy`` (the architecture of ``zsad pretrain``'s toy weights, :data:`TOY_CONFIG`).
         pretrained: ``none`` (random weights, same architecture); an open_clip tag such as ``openai``, taken from
             the Hugging Face / open_clip cache (downloaded only when not offline); or a local file: an open_clip
             state dict (``.bin``/``.pt``/``.safetensors``, optionally under ``state_dict``) or OpenAI's original
@@ -570,7 +580,9 @@ def build_clip(
         raise ValueError(f"{prefix}.global_ln_post: expected true or false, got {global_ln_post!r}")
     cfg = _model_config(name, config_key)
     source = str(pretrained).strip()
-    tag_cfg = {} if source.lower() == "none" or name == "tiny" else open_clip.get_pretrained_cfg(name, source)
+    tag_cfg = (
+        {} if source.lower() == "none" or name in PRESETS else open_clip.get_pretrained_cfg(name, source)
+    )
     weights_path = (
         None if source.lower() == "none" else _resolve_weights(name, source, tag_cfg, config_key, cache_dir)
     )
@@ -604,13 +616,15 @@ def build_clip(
 
 
 def _model_config(name: str, config_key: str) -> dict[str, Any]:
-    if name == "tiny":
-        return deepcopy(TINY_CONFIG)
+    if name in PRESETS:
+        return deepcopy(PRESETS[name])
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         name_key = config_key.rsplit(".", 1)[0] + ".name"
         vits = [m for m in open_clip.list_models() if m.startswith("ViT-")]
-        raise ValueError(f"unknown open_clip model {name!r} ({name_key}); expected 'tiny' or one of: {vits}")
+        raise ValueError(
+            f"unknown open_clip model {name!r} ({name_key}); expected one of {sorted(PRESETS)} or: {vits}"
+        )
     return cfg
 
 
@@ -657,7 +671,7 @@ def _resolve_weights(
             f"{config_key}: CLIP weight file not found: '{source}'; set it to an existing .pt/.bin/.safetensors "
             "file, an open_clip tag, or 'none'"
         )
-    tags = [] if name == "tiny" else open_clip.list_pretrained_tags_by_model(name)
+    tags = [] if name in PRESETS else open_clip.list_pretrained_tags_by_model(name)
     raise WeightsError(
         f"{config_key}: {source!r} is neither a known open_clip tag for {name} (known: {tags}) nor an existing "
         "file; set it to a tag, a local .pt/.bin/.safetensors path, or 'none'"
@@ -793,6 +807,7 @@ __all__ = [
     "CLIPText",
     "CLIPVision",
     "TINY_CONFIG",
+    "TOY_CONFIG",
     "WeightsError",
     "build_clip",
 ]

@@ -13,6 +13,8 @@ Bench spec (``experiments/bench/*.yaml``)::
         config: experiments/methods/ava_dino.yaml   # the method's YAML layer
         tiny: true                       # optional: the tiny random-weight backbone presets
                                          # (zsad.methods.registry.tiny_overrides), before `overrides`
+        toy: true                        # optional: instead, the toy-pretrained backbones of `zsad pretrain`
+                                         # (zsad.methods.registry.toy_overrides); built before the first run
         overrides: [method.image_size=112]          # key=value for this method only
     protocols: [synthetic]               # each loads experiments/protocols/<p>.yaml (override protocol=<p>)
     seeds: [0]
@@ -63,7 +65,7 @@ SPEC_KEYS = {
     "overrides",
     "ablations",
 }
-METHOD_KEYS = {"name", "config", "overrides", "tiny"}
+METHOD_KEYS = {"name", "config", "overrides", "tiny", "toy"}
 # Keys that change how a run executes or logs, not its numbers: a finished run differing only here is reused.
 RUNTIME_KEYS = (
     "logger",
@@ -216,10 +218,16 @@ def _method_entry(m: Any, path: Path, i: int) -> MethodEntry:
     over = m.get("overrides") or []
     _check_overrides(over, f"{where}.overrides")
     config = resolve_path(m["config"], f"{where}.config")
+    if m.get("tiny") and m.get("toy"):
+        raise ConfigError(f"{where}: 'tiny' (random weights) and 'toy' (toy-pretrained) exclude each other")
     if m.get("tiny"):
         from zsad.methods.registry import tiny_overrides
 
         over = [*tiny_overrides(str(load_yaml(config).method.name)), *over]
+    if m.get("toy"):
+        from zsad.methods.registry import toy_overrides
+
+        over = [*toy_overrides(str(load_yaml(config).method.name)), *over]
     return MethodEntry(str(m["name"]), config, tuple(str(o) for o in over))
 
 
@@ -407,6 +415,16 @@ def _execute(run: GridRun, force: bool) -> dict[str, Any]:
     return {**record, "status": status, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _ensure_toy_weights(runs: list[GridRun]) -> None:
+    """Build the toy weights (``zsad pretrain``) first when a run loads them and they are missing or stale."""
+    from zsad.pretrain.cache import referenced
+
+    if referenced([OmegaConf.to_container(r.cfg.method, resolve=True) for r in runs]):
+        from zsad.pretrain.build import ensure_toy_weights
+
+        ensure_toy_weights()
+
+
 def run_bench(
     spec_path: Path, overrides: list[str] = (), force: bool = False, out: Path | None = None
 ) -> dict[str, Path]:
@@ -433,6 +451,7 @@ def run_bench(
     out = Path(out) if out is not None else spec.out
     runs = expand(spec, list(overrides))
     compose_all(runs)
+    _ensure_toy_weights(runs)
     log.info(
         "bench %s: %d runs (%d methods × %d protocols × %d seeds) → %s",
         spec.name,

@@ -56,11 +56,11 @@ def load_world(
     images = torch.from_numpy(np.stack([it.image for it in items])).permute(0, 3, 1, 2).contiguous()
     masks = torch.from_numpy(np.stack([it.mask for it in items]))
     clean = torch.from_numpy(np.stack([it.clean for it in items])).permute(0, 3, 1, 2).contiguous()
-    light = [W.WorldItem(np.empty(0), np.empty(0), np.empty(0), *_attrs(it)) for it in items]
+    light = [W.WorldItem(np.empty(0), np.empty(0), np.empty(0), *attrs(it)) for it in items]
     return WorldTensors(images, clean, masks, light)
 
 
-def _attrs(it: W.WorldItem) -> tuple:
+def attrs(it: W.WorldItem) -> tuple:
     return (it.category, it.kind, it.colour, it.background, it.size, it.defect, it.index)
 
 

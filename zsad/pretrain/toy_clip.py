@@ -1,0 +1,239 @@
+"""Contrastive image–text pretraining of the toy CLIP (open_clip architecture, both towers) on the world.
+
+The loss is open_clip's own ``ClipLoss`` (symmetric InfoNCE over the batch with a learned temperature), called as a
+library function. Two choices of the batch make the little model learn what anomaly detection reads:
+
+* **views, not images**: every image is a random crop (35–100 % of the side, flips, quarter turns) captioned
+  with what the crop shows — a crop that misses the defect is captioned normal — so small windows learn the state;
+* **clean twins**: part of every batch are pairs (a defective view, the *same* crop of its clean twin). The two
+  images differ only in the defect and their captions mostly in the state words, so the contrastive loss can only
+  tell them apart through the defect (hard negatives, as in NegCLIP);
+* **token dropping** (FLIP): most steps encode a random subset of the patch tokens (a fixed count per step), which
+  makes a step several times cheaper on the CPU; the caption's state follows the *kept* patches (a defect whose
+  patches were all dropped is not shown, so it is not named). The last steps see every token, as at test time.
+
+The vision forward used here is open_clip's ``VisionTransformer`` forward (conv1 → CLS + positional embedding →
+``ln_pre`` → blocks → ``ln_post`` → ``proj``) with the token subset taken after the positional embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from open_clip.model import CLIP
+from torch import Tensor
+
+from zsad.backbones.clip import TOY_CONFIG, _tokenizer
+from zsad.methods.base import CLIP_MEAN, CLIP_STD
+from zsad.pretrain.world import Views, WorldTensors, captions, crop_params, sample_views
+
+
+@dataclass(frozen=True)
+class ClipRecipe:
+    """Everything that decides the toy CLIP's weights besides the world (part of the cache manifest)."""
+
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: int = 20
+    twin_frac: float = 0.5  # share of the batch made of (defective view, clean twin view) pairs
+    min_scale: float = 0.35  # smallest crop side, as a fraction of the image side
+    image_size: int = 112
+    keep_tokens: tuple[int, ...] = (16, 24)  # patch tokens kept per step (drawn per step); () = all
+    full_frac: float = 0.2  # the last share of steps keeps every token
+
+
+def build_toy_clip() -> CLIP:
+    """The toy CLIP (``zsad.backbones.clip.TOY_CONFIG``) with open_clip's initialisation."""
+    cfg = dict(TOY_CONFIG)
+    return CLIP(
+        embed_dim=cfg["embed_dim"],
+        vision_cfg=cfg["vision_cfg"],
+        text_cfg=cfg["text_cfg"],
+        quick_gelu=cfg["quick_gelu"],
+    )
+
+
+def encode_text(model: CLIP, tokens: Tensor) -> Tensor:
+    """Unit text features of ``tokens`` [B, L] for any L ≤ the context length (captions are short: the padding
+    columns are cut off before the call, which changes nothing under the causal mask and saves most of the work)."""
+    length = tokens.shape[1]
+    x = model.token_embedding(tokens) + model.positional_embedding[:length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    pooled = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ model.text_projection  # EOT has the top id
+    return F.normalize(pooled, dim=-1)
+
+
+def tokenize(texts: list[str]) -> Tensor:
+    """CLIP BPE ids [B, L] with L the longest caption (not the 77-token context)."""
+    tokens = _tokenizer(int(TOY_CONFIG["text_cfg"]["context_length"]))(texts)
+    length = int((tokens != 0).sum(1).max())
+    return tokens[:, :length]
+
+
+def _normalise(images: Tensor) -> Tensor:
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def keep_index(b: int, n_patches: int, n_keep: int | None, gen: torch.Generator) -> Tensor | None:
+    """long [b, n_keep]: a random subset of patch indices per image (sorted), or ``None`` to keep all."""
+    if n_keep is None or n_keep >= n_patches:
+        return None
+    return torch.rand(b, n_patches, generator=gen).argsort(1)[:, :n_keep].sort(1).values
+
+
+def kept_defect(views: Views, keep: Tensor | None, patch: int, min_defect: float = 0.004) -> Tensor:
+    """bool [B]: whether the kept patches of each view show enough of its defect (``sample_views``' rule)."""
+    if keep is None:
+        return views.has_defect
+    # defect pixels per patch
+    per_patch = F.avg_pool2d(views.masks[:, None], patch).flatten(1) * patch * patch
+    covered = per_patch.gather(1, keep).sum(1)
+    size = views.masks.shape[-1]
+    need = min(min_defect * size * size, 24.0)
+    return (covered >= need) & (covered > 0)
+
+
+def make_batch(
+    world: WorldTensors,
+    recipe: ClipRecipe,
+    gen: torch.Generator,
+    rng: np.random.Generator,
+    n_keep: int | None = None,
+) -> tuple[Tensor, list[str], Tensor | None]:
+    """CLIP-normalised images [B, 3, s, s], their captions and kept patch indices (``None`` = all tokens).
+
+    Twin pairs come first (a defective view and the same crop of its clean twin, with the same kept patches),
+    then random views.
+    """
+    n_pairs = int(recipe.batch_size * recipe.twin_frac) // 2
+    n_rand = recipe.batch_size - 2 * n_pairs
+    patch = int(TOY_CONFIG["vision_cfg"]["patch_size"])
+    n_patches = (recipe.image_size // patch) ** 2
+    scale = (recipe.min_scale, 1.0)
+    parts, texts, keeps = [], [], []
+    if n_pairs:
+        anomalous = world.anomalous
+        idx = anomalous[torch.randint(len(anomalous), (n_pairs,), generator=gen)]
+        theta = crop_params(n_pairs, gen, scale)
+        keep = keep_index(n_pairs, n_patches, n_keep, gen)
+        for clean in (False, True):
+            v = sample_views(world, idx, recipe.image_size, gen, theta=theta, clean=clean)
+            v.has_defect = kept_defect(v, keep, patch)
+            parts.append(v.images)
+            texts += captions(world, v, rng)
+            keeps.append(keep)
+    idx = torch.randint(len(world), (n_rand,), generator=gen)
+    v = sample_views(world, idx, recipe.image_size, gen, scale)
+    keep = keep_index(n_rand, n_patches, n_keep, gen)
+    v.has_defect = kept_defect(v, keep, patch)
+    parts.append(v.images)
+    texts += captions(world, v, rng)
+    keeps.append(keep)
+    kept = None if n_keep is None or n_keep >= n_patches else torch.cat(keeps)
+    return _normalise(torch.cat(parts)), texts, kept
+
+
+def encode_image(model: CLIP, images: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Unit image features; with ``keep`` [B, K] only those patch tokens (and CLS) enter the blocks."""
+    v = model.visual
+    x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, N, width]
+    x = x + v.positional_embedding[1:].to(x.dtype)
+    if keep is not None:
+        x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+    cls = (v.class_embedding + v.positional_embedding[0]).to(x.dtype).expand(x.shape[0], 1, -1)
+    x = v.ln_pre(torch.cat([cls, x], dim=1))
+    x = v.transformer(x)
+    return F.normalize(v.ln_post(x[:, 0]) @ v.proj, dim=-1)
+
+
+def train_clip(
+    world: WorldTensors,
+    recipe: ClipRecipe,
+    seed: int,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Train the toy CLIP; returns its state dict (open_clip keys) and the final losses.
+
+    Args:
+        world: the rendered world.
+        recipe: steps, batch, optimiser and view settings.
+        seed: seeds the initialisation, the views and the captions.
+        progress: called after every step with the step number and the running losses.
+    """
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_toy_clip()
+    model.train()
+    # The token embedding (49408 × width) sees a few hundred distinct words: sparse gradients and SparseAdam
+    # update only those rows instead of the whole table every step.
+    model.token_embedding.sparse = True
+    dense = [p for n, p in model.named_parameters() if n != "token_embedding.weight"]
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    other = [p for p in dense if all(p is not d for d in decay)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=recipe.lr,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    opt_emb = torch.optim.SparseAdam(
+        [model.token_embedding.weight], lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6
+    )
+    schedule = _warmup_cosine(recipe.warmup, recipe.steps)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt, opt_emb)]
+    loss_fn = ClipLoss()
+    full_from = recipe.steps - int(round(recipe.full_frac * recipe.steps))
+    ema: float | None = None
+    acc_ema: float | None = None
+    for step in range(1, recipe.steps + 1):
+        n_keep = None
+        if recipe.keep_tokens and step <= full_from:
+            n_keep = int(recipe.keep_tokens[int(torch.randint(len(recipe.keep_tokens), (1,), generator=gen))])
+        images, texts, keep = make_batch(world, recipe, gen, rng, n_keep)
+        img = encode_image(model, images, keep)
+        txt = encode_text(model, tokenize(texts))
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        opt_emb.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        opt_emb.step()
+        for sch in scheds:
+            sch.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the inverse temperature
+            acc = float((img @ txt.t()).argmax(1).eq(torch.arange(len(texts))).float().mean())
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        acc_ema = acc if acc_ema is None else 0.9 * acc_ema + 0.1 * acc
+        if progress is not None:
+            progress(step, {"loss": ema, "acc": acc_ema})
+    model.token_embedding.sparse = False
+    model.eval()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return state, {"clip_loss": round(ema or 0.0, 4), "clip_batch_acc": round(acc_ema or 0.0, 4)}
+
+
+def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def recipe_dict(recipe: ClipRecipe) -> dict:
+    return {"architecture": TOY_CONFIG, **asdict(recipe)}
