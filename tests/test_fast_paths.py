@@ -21,7 +21,8 @@ from data_modules.datamodule import DatasetSpec, ZSADDataModule
 from data_modules.dataset import ResizedCache, ZSADDataset, collate
 from data_modules.readers import read
 from zsad.backbones.clip import build_clip
-from zsad.bench.throughput import build_model, compiled_vision, fake_batch, fill_random_memory
+from zsad.bench.instruments import compiled_vision
+from zsad.bench.throughput import build_model, fake_batch, fill_random_memory
 
 TAPS = (2, 4)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from zsad.bench import instruments as ins
 from zsad.bench import throughput as tp
 
 
@@ -90,14 +91,14 @@ class _Toy(nn.Module):
 def test_frozen_call_hooks_see_outermost_calls_only_and_are_always_removed():
     toy = _Toy()
     calls = []
-    with tp.frozen_call_hooks(toy, lambda: calls.append("in"), lambda: calls.append("out")):
+    with ins.frozen_call_hooks(toy, lambda: calls.append("in"), lambda: calls.append("out")):
         toy(torch.randn(3, 8))
         assert calls == ["in", "out"]  # one outermost call, not one per layer
         toy.helper(torch.randn(3, 8))
         assert calls == ["in", "out"] * 3  # a helper's inner calls are each outermost
     assert _no_hooks(toy)
     with pytest.raises(RuntimeError):
-        with tp.frozen_call_hooks(toy, lambda: None, lambda: None):
+        with ins.frozen_call_hooks(toy, lambda: None, lambda: None):
             toy(torch.randn(3, 5))  # wrong width: the forward raises inside the hooks
     assert _no_hooks(toy)
 
@@ -119,7 +120,7 @@ def test_backbone_flops_are_counted_inside_the_frozen_modules():
         def forward(self, x: torch.Tensor, _batch: object) -> torch.Tensor:
             return self.head(self.toy_enc(x))
 
-    total, inside = tp.count_flops(Wrapper(), Data, bf16=False)
+    total, inside = ins.count_flops(Wrapper(), Data, bf16=False)
     assert inside == 2 * 3 * (8 * 16 + 16 * 4)  # multiply-adds of the two frozen linears, batch 3
     assert total == inside + 2 * 3 * 4 * 2
     assert _no_global_hooks()
@@ -134,23 +135,23 @@ def test_backoff_halves_the_batch_on_out_of_memory_only():
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return {"img_s": 1.0}
 
-    assert tp.with_backoff(fn, 32, torch.device("cuda")) == {"batch": 8, "img_s": 1.0}
+    assert ins.with_backoff(fn, 32, torch.device("cuda")) == {"batch": 8, "img_s": 1.0}
     assert tried == [32, 16, 8]
     with pytest.raises(torch.cuda.OutOfMemoryError):  # on the CPU an OOM is not retried
-        tp.with_backoff(fn, 32, torch.device("cpu"))
+        ins.with_backoff(fn, 32, torch.device("cpu"))
 
     def broken(batch: int) -> dict:
         raise RuntimeError("shape mismatch")
 
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        tp.with_backoff(broken, 32, torch.device("cuda"))
+        ins.with_backoff(broken, 32, torch.device("cuda"))
 
 
 def test_channels_last_patch_embed_is_restored():
     model, _ = tp.build_model("anomalyclip", tiny=True, image_size=56)
-    conv = tp.patch_conv(model)
+    conv = ins.patch_conv(model)
     assert conv is model.clip.visual.vit.conv1
-    with tp.channels_last_patch_embed(model):
+    with ins.channels_last_patch_embed(model):
         assert (
             conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
         )

@@ -19,18 +19,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from zsad.bench.instruments import (
+    _autocast,
+    _peak_gb,
+    _reset_peak,
+    _sync,
+    backbone_timer,
+    channels_last_patch_embed,
+    compiled_vision,
+    count_flops,
+    with_backoff,
+)
+from zsad.bench.loading import measure_loading
 from zsad.results.throughput import check_targets, to_markdown
 from zsad.versions import versions
 
@@ -151,168 +159,6 @@ def fake_batch(size: int, n: int, device: torch.device, channels_last: bool = Fa
     if channels_last:
         batch.image = batch.image.contiguous(memory_format=torch.channels_last)
     return batch
-
-
-def vision_module(model: nn.Module) -> nn.Module:
-    """The frozen vision tower of a method (CLIP ``clip.visual`` or AVA-DINO's ``vision``)."""
-    clip = getattr(model, "clip", None)
-    if clip is not None and getattr(clip, "visual", None) is not None:
-        return clip.visual
-    vision = getattr(model, "vision", None)
-    if isinstance(vision, nn.Module):
-        return vision
-    raise ValueError(
-        f"{type(model).__name__}: no frozen vision tower found (expected .clip.visual or .vision)"
-    )
-
-
-def patch_conv(model: nn.Module) -> nn.Conv2d:
-    """The patch-embedding convolution of the vision tower (its first Conv2d)."""
-    conv = next((m for m in vision_module(model).modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise ValueError(f"{type(model).__name__}: the vision tower has no patch-embedding Conv2d")
-    return conv
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Instruments: backbone hooks, FLOP counting, compile, channels-last
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, bf16: bool):  # noqa: ANN202 — a context manager
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-@contextmanager
-def frozen_call_hooks(
-    model: nn.Module, on_enter: Callable[[], None], on_exit: Callable[[], None]
-) -> Iterator[None]:
-    """Call ``on_enter``/``on_exit`` around every outermost call into a module of the frozen backbones.
-
-    Hooks go on every module of ``model.frozen_modules`` (the towers are entered through helpers such as
-    ``CLIPText.encode_embeddings`` that call inner modules, not the tower's own forward); a depth counter keeps only
-    the outermost call. Glue tensor ops between two inner module calls of a helper are not counted. The hooks are
-    always removed, also when the forward raises.
-    """
-    depth = [0]
-
-    def pre(*_: Any) -> None:
-        if depth[0] == 0:
-            on_enter()
-        depth[0] += 1
-
-    def post(*_: Any) -> None:
-        depth[0] -= 1
-        if depth[0] == 0:
-            on_exit()
-
-    handles = []
-    try:
-        for name in model.frozen_modules:
-            for m in getattr(model, name).modules():
-                handles.append(m.register_forward_pre_hook(pre))
-                handles.append(m.register_forward_hook(post, always_call=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def backbone_timer(model: nn.Module, device: torch.device) -> Iterator[list[float]]:
-    """Seconds spent inside the frozen backbones (``spent[0]``), synchronising the device around each call."""
-    spent, start = [0.0], [0.0]
-
-    def enter() -> None:
-        _sync(device)
-        start[0] = time.perf_counter()
-
-    def leave() -> None:
-        _sync(device)
-        spent[0] += time.perf_counter() - start[0]
-
-    with frozen_call_hooks(model, enter, leave):
-        yield spent
-
-
-def count_flops(model: nn.Module, data: Any, bf16: bool) -> tuple[int, int]:  # noqa: ANN401
-    """(FLOPs of one inference forward, FLOPs inside the frozen backbones) for the whole batch.
-
-    Counted by ``FlopCounterMode`` (matmuls, convolutions and fused attention kernels; CPU SDPA kernels are not
-    registered there, so CPU counts miss the attention core).
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    fc = FlopCounterMode(display=False)
-    inside, mark = [0], [0]
-
-    def enter() -> None:
-        mark[0] = fc.get_total_flops()
-
-    def leave() -> None:
-        inside[0] += fc.get_total_flops() - mark[0]
-
-    device = data.image.device
-    with torch.inference_mode(), _autocast(device, bf16), frozen_call_hooks(model, enter, leave), fc:
-        model(data.image, data)
-    return fc.get_total_flops(), inside[0]
-
-
-@contextmanager
-def compiled_vision(model: nn.Module, backend: str | Callable = "inductor") -> Iterator[nn.Module]:
-    """Run the frozen vision tower's forward under ``torch.compile`` inside the block, eager again after it.
-
-    Only ``forward`` is replaced (an instance attribute), so module hooks stay outside the compiled graph and the
-    tower's weights, cache and identity are untouched.
-    """
-    vision = vision_module(model)
-    vision.forward = torch.compile(vision.forward, backend=backend)
-    try:
-        yield vision
-    finally:
-        del vision.forward  # back to the class's eager forward
-
-
-@contextmanager
-def channels_last_patch_embed(model: nn.Module) -> Iterator[nn.Conv2d]:
-    """The patch-embedding conv's weight in channels-last layout inside the block (contiguous again after it)."""
-    conv = patch_conv(model)
-    conv.to(memory_format=torch.channels_last)
-    try:
-        yield conv
-    finally:
-        conv.to(memory_format=torch.contiguous_format)
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def with_backoff(fn: Callable[[int], dict], batch: int, device: torch.device) -> dict:
-    """``fn(batch)``, halving the batch on CUDA out-of-memory until it fits (the result records the batch used)."""
-    while True:
-        try:
-            return {"batch": batch, **fn(batch)}
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-            if device.type != "cuda" or not _is_oom(e) or batch <= 1:
-                raise
-        torch.cuda.empty_cache()
-        batch //= 2
-
-
-def _peak_gb(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,73 +320,6 @@ def measure_method(row: str, s: Settings) -> dict:
         del model
         if torch.device(s.device).type == "cuda":
             torch.cuda.empty_cache()
-
-
-def _write_images(root: Path, n: int, side: int) -> None:
-    """``n`` PNGs of ``side``² with smooth structure plus noise (compresses like a photo, not like white noise)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    good = root / "a" / "test" / "good"
-    good.mkdir(parents=True)
-    (root / "a" / "train" / "good").mkdir(parents=True)
-    for i in range(n):
-        low = rng.integers(0, 255, (side // 32 + 1, side // 32 + 1, 3), dtype=np.uint8)
-        img = Image.fromarray(low).resize((side, side), Image.Resampling.BICUBIC)
-        arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, (side, side, 3), dtype=np.int16)
-        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(good / f"{i:04d}.png", compress_level=6)
-
-
-def measure_loading(
-    n: int, size: int, workers: int, batch: int, source_side: int = 900, passes: int = 2
-) -> dict:
-    """Images/s of the real test DataModule path (decode + resize + normalise, workers, pinned memory).
-
-    Timed over ``passes`` passes through the loader; the best pass is reported (the first one pays worker start).
-    Then the same with the pre-resized cache (its one-off build time reported separately).
-    """
-    from data_modules.datamodule import DatasetSpec, ZSADDataModule
-
-    def best_pass(dm: ZSADDataModule) -> tuple[float, int]:
-        loader = dm.test_dataloader()[0]
-        rates, seen = [], 0
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            seen = sum(len(b) for b in loader)
-            rates.append(seen / (time.perf_counter() - t0))
-        return max(rates), seen
-
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "loadbench"
-        _write_images(root, n, source_side)
-        common = dict(
-            train=None,
-            test=[DatasetSpec("folder", str(root))],
-            image_size=size,
-            mean=(0.5,) * 3,
-            std=(0.5,) * 3,
-            test_batch_size=batch,
-            num_workers=workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-        )
-        plain, seen = best_pass(ZSADDataModule(**common))
-        dm = ZSADDataModule(**common, cache_dir=Path(tmp) / "cache")
-        t0 = time.perf_counter()
-        dm.setup("test")
-        dm.test_dataloader()  # builds the cache
-        build_s = time.perf_counter() - t0
-        cached, _ = best_pass(dm)
-    return {
-        "images": seen,
-        "source_side": source_side,
-        "size": size,
-        "workers": workers,
-        "batch": batch,
-        "img_s": plain,
-        "cached_img_s": cached,
-        "cache_build_s": build_s,
-    }
 
 
 def measure_metrics(n: int, size: int, categories: int, device: str) -> dict:
