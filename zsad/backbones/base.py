@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+# The ImageNet normalisation of DINOv3 (and of the data layer's resize for it): a backbone's own preprocessing.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass
 class VisionFeatures:

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from zsad.backbones.base import VisionFeatures
+from zsad.backbones.base import IMAGENET_MEAN, IMAGENET_STD, VisionFeatures
 from zsad.backbones.errors import WeightsError
-from zsad.methods.base import IMAGENET_MEAN, IMAGENET_STD
 
 # Test / CPU-demo preset: the DINOv3 recipe (RoPE, 4 registers, layer scale, patch 16) at toy width and depth.
 # Layer scale starts at 1 (not 1e-5) so that random blocks change the tokens and taps differ visibly.

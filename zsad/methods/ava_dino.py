@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_modules.types import Batch
+from zsad.backbones.base import IMAGENET_MEAN, IMAGENET_STD
 from zsad.backbones.clip import build_clip
 from zsad.backbones.dinov3 import build_dinov3
 from zsad.config import BackboneConfig, MapScoreRule, MethodConfig, OptimConfig, StageConfig
 from zsad.losses import dice_loss, focal_loss
 from zsad.maps import gaussian_blur, image_score, upsample
-from zsad.methods.base import IMAGENET_MEAN, IMAGENET_STD, ZSADMethod
+from zsad.methods.base import ZSADMethod
 from zsad.prompts.ensemble import EnsembleTextCache
 from zsad.types import AnomalyOutput, ExtraSpec
 

@@ -10,12 +10,11 @@ import torch
 from torch import Tensor, nn
 
 from data_modules.types import Batch
+from zsad.backbones.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 — re-exported for older imports
 from zsad.types import AnomalyOutput, ExtraSpec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
