@@ -19,7 +19,7 @@ from test_metrics_evaluator import _collate, _dataset, _trainer
 from torch.utils.data import DataLoader
 
 from data_modules.types import Batch
-from zsad.metrics import METRIC_KEYS, Evaluator
+from zsad.metrics import METRIC_KEYS, Evaluator, Gallery
 from zsad.results.plots import read_gallery
 from zsad.results.schema import validate_metrics_document
 from zsad.types import ExtraSpec
@@ -101,7 +101,9 @@ def _batches(sizes: list[int], labels_last_normal: bool = False) -> list[Batch]:
 
 
 def _run(tmp_path: Path, module: lightning.LightningModule) -> tuple[dict, dict[str, np.ndarray]]:
-    trainer = _trainer(tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run")])
+    trainer = _trainer(
+        tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run"), Gallery(tmp_path / "run")]
+    )
     trainer.test(module)
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     validate_metrics_document(doc)
@@ -204,20 +206,26 @@ def test_per_image_extras_by_label(tmp_path):
 
 def test_undeclared_extra_is_an_error_naming_it(tmp_path):
     specs = {k: v for k, v in SPECS.items() if k != "expert_share"}
-    trainer = _trainer(tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run")])
+    trainer = _trainer(
+        tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run"), Gallery(tmp_path / "run")]
+    )
     with pytest.raises(ValueError, match="extra 'expert_share' of ExtrasModule is not declared"):
         trainer.test(ExtrasModule(_batches([3]), specs))
 
 
 def test_extra_of_another_shape_than_declared_is_an_error_naming_it(tmp_path):
     specs = {**SPECS, "expert_share": ExtraSpec("batch_table", rows=("3", "6"), cols=EXPERTS)}
-    trainer = _trainer(tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run")])
+    trainer = _trainer(
+        tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run"), Gallery(tmp_path / "run")]
+    )
     with pytest.raises(ValueError, match=r"extra 'expert_share' is declared batch_table .* shape \[3, 2\]"):
         trainer.test(ExtrasModule(_batches([3]), specs))
 
 
 def test_per_image_extra_missing_from_some_batches_is_an_error(tmp_path):
-    trainer = _trainer(tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run")])
+    trainer = _trainer(
+        tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run"), Gallery(tmp_path / "run")]
+    )
     with pytest.raises(ValueError, match=r"extra\(s\) \['gate'\] came with only some batches"):
         trainer.test(ExtrasModule(_batches([3, 1]), drop={(1, "gate")}))
 
@@ -300,7 +308,9 @@ def test_mpama_expert_shares_reach_metrics_json_at_test_time(tmp_path):
         tables = [module.model(b.image, b).extras["expert_share"].double() for b in batches]
     want = (3 * tables[0] + tables[1]) / 4
 
-    trainer = _trainer(tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run")])
+    trainer = _trainer(
+        tmp_path, devices=1, callbacks=[Evaluator(tmp_path / "run"), Gallery(tmp_path / "run")]
+    )
     trainer.test(module, dataloaders=DataLoader(batches, batch_size=None))
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     entry = doc["datasets"]["ds"]["extras"]["expert_share"]

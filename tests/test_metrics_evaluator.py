@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from data_modules.types import Batch
-from zsad.metrics import Evaluator, evaluate
+from zsad.metrics import Evaluator, Gallery, evaluate
 from zsad.results.schema import validate_metrics_document
 from zsad.types import ExtraSpec
 
@@ -183,7 +183,7 @@ def _trainer(tmp_path: Path, **kwargs) -> lightning.Trainer:
 
 def test_evaluator_single_process(tmp_path: Path) -> None:
     evaluator = Evaluator(tmp_path / "run")
-    trainer = _trainer(tmp_path, devices=1, callbacks=[evaluator])
+    trainer = _trainer(tmp_path, devices=1, callbacks=[evaluator, Gallery(tmp_path / "run")])
     trainer.test(TinyModule())
     doc = json.loads((tmp_path / "run" / "metrics.json").read_text())
     _check_document(doc)
@@ -200,7 +200,7 @@ class MixedCategoryModule(TinyModule):
 
 
 def test_evaluator_rejects_batches_spanning_categories(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path, devices=1, callbacks=[Evaluator(tmp_path)])
+    trainer = _trainer(tmp_path, devices=1, callbacks=[Evaluator(tmp_path), Gallery(tmp_path)])
     with pytest.raises(ValueError, match="spans several categories"):
         trainer.test(MixedCategoryModule())
 
@@ -208,7 +208,12 @@ def test_evaluator_rejects_batches_spanning_categories(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_evaluator_ddp_two_ranks_matches_one_process(tmp_path: Path) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    trainer = _trainer(tmp_path, devices=2, strategy="ddp_spawn", callbacks=[Evaluator(tmp_path / "ddp")])
+    trainer = _trainer(
+        tmp_path,
+        devices=2,
+        strategy="ddp_spawn",
+        callbacks=[Evaluator(tmp_path / "ddp"), Gallery(tmp_path / "ddp")],
+    )
     trainer.test(TinyModule())
     doc = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     _check_document(doc)  # the same numbers as evaluate() on the whole, un-sharded data

@@ -195,7 +195,7 @@ def train(cfg: DictConfig, test_after: bool = True, resume: bool = True) -> Path
 
 def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, logger=None) -> dict:  # noqa: ANN001
     """Evaluate on every target set; writes ``metrics.json`` (and a gallery) into the run folder."""
-    from zsad.metrics import Evaluator
+    from zsad.metrics import Evaluator, Gallery
 
     out = run_dir(cfg)
     _fast_matmul()
@@ -203,11 +203,10 @@ def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, log
         C.save(cfg, out / "config.yaml")
         module = ZSADModule.from_checkpoint(cfg, cache_dir=Path(cfg.out_dir) / ".cache")
     dm = datamodule or build_datamodule(cfg, module, with_train=False)
-    evaluator = Evaluator(
-        out, legacy_aupro=bool(cfg.eval.legacy_aupro), gallery_per_category=int(cfg.eval.gallery_per_category)
-    )
+    evaluator = Evaluator(out, legacy_aupro=bool(cfg.eval.legacy_aupro))
+    callbacks = [evaluator, Gallery(out, per_category=int(cfg.eval.gallery_per_category))]
     trainer = make_trainer(
-        cfg, out, callbacks=[evaluator], logger=logger if logger is not None else make_logger(cfg, out)
+        cfg, out, callbacks=callbacks, logger=logger if logger is not None else make_logger(cfg, out)
     )
     trainer.test(module, datamodule=dm, verbose=False)
     # Under ddp_spawn the Evaluator ran in the child processes: its results come back through metrics.json.

@@ -1,4 +1,4 @@
-"""Exact metrics (functional core) and the Evaluator callback that collects and writes them."""
+"""Exact metrics (functional core), the Evaluator callback that collects and writes them, the Gallery callback."""
 
 from zsad.metrics.evaluator import Evaluator
 from zsad.metrics.functional import (
@@ -14,6 +14,7 @@ from zsad.metrics.functional import (
     f1_max,
     pixel_metrics,
 )
+from zsad.metrics.gallery import Gallery
 from zsad.results.schema import (
     IMAGE_KEYS,
     METRIC_KEYS,
@@ -24,6 +25,7 @@ __all__ = [
     "DEFAULT_CHUNK",
     "Evaluator",
     "FPR_LIMIT",
+    "Gallery",
     "IMAGE_KEYS",
     "METRIC_KEYS",
     "PIXEL_KEYS",
