@@ -356,7 +356,11 @@ def test_title_warns_only_with_random_weights(tmp_path: Path) -> None:
     assert RANDOM_NOTE not in w["md"].read_text().splitlines()[0]
     mixed = real + [_write_run(tmp_path / "a", "entroad", 0, cats, weights="none")]
     w = write_leaderboard(mixed, tmp_path / "out_b", "Mixed", plots=False)
-    assert w["md"].read_text().splitlines()[0] == f"# Mixed — {RANDOM_NOTE}"
+    # some rows random (a control row): the title names them instead of discarding every number
+    assert w["md"].read_text().splitlines()[0] == "# Mixed — random-weight control rows: entroad"
+    only_random = [_write_run(tmp_path / "c", "entroad", 0, cats, weights="none")]
+    w = write_leaderboard(only_random, tmp_path / "out_c", "Random", plots=False)
+    assert w["md"].read_text().splitlines()[0] == f"# Random — {RANDOM_NOTE}"
 
 
 def test_bad_inputs_are_refused_with_the_file_named(tmp_path: Path) -> None:

@@ -45,6 +45,9 @@ from zsad.results.schema import (
 )
 
 RANDOM_NOTE = "RANDOM WEIGHTS: numbers say nothing about accuracy"
+CONTROL_NOTE = (
+    "random-weight control rows"  # some rows (not all) on random weights: a control, named in the title
+)
 CSV_COLUMNS = (
     "method",
     "protocol",
@@ -251,12 +254,22 @@ def _header(runs: list[Run], groups: dict[str, list[Group]]) -> list[str]:
 # the document
 
 
+def _random_suffix(runs: list[Run]) -> str:
+    """The title's warning: every row on random weights → RANDOM_NOTE; only some (controls) → names them."""
+    random = list(dict.fromkeys(r.label for r in runs if is_random(r)))
+    if not random:
+        return ""
+    if len(random) == len({r.label for r in runs}):
+        return f" — {RANDOM_NOTE}"
+    return f" — {CONTROL_NOTE}: {', '.join(random)}"
+
+
 def build_document(
     runs: list[Run], title: str, plots: Mapping[str, Path], failures: Sequence[Mapping[str, Any]]
 ) -> tuple[str, list[Section]]:
     """The leaderboard as a title and sections, rendered by ``to_markdown`` and ``to_html``."""
     groups = group_runs(runs)
-    full_title = title + (f" — {RANDOM_NOTE}" if any(is_random(r) for r in runs) else "")
+    full_title = title + _random_suffix(runs)
     sections = [Section("About these numbers", 2, _header(runs, groups))]
     for p, gs in groups.items():
         dsets = datasets_of(gs)
