@@ -7,38 +7,19 @@ keep the reading and checking of a batch's outputs in one place.
 from __future__ import annotations
 
 import platform
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torchmetrics import Metric
 
 from zsad.types import AnomalyOutput, ExtraSpec
 
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def all_gather_rows(tensors: list[Tensor]) -> list[Tensor]:
-    """Concatenates every rank's tensors along dim 0 (ranks may hold different row counts)."""
-    world = world_size()
-    if world == 1:
-        return tensors
-    rows = tensors[0].shape[0]
-    count = torch.tensor([rows], device=tensors[0].device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    gathered = []
-    for t in tensors:
-        padded = t.new_zeros((max(sizes), *t.shape[1:]))
-        padded[:rows] = t
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        gathered.append(torch.cat([p[:n] for p, n in zip(parts, sizes)]))
-    return gathered
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -125,3 +106,42 @@ def device_name(device: torch.device) -> str:
         name = f"cpu ({platform.processor()})" if platform.processor() else "cpu"
     world = world_size()
     return name + (f" x{world}" if world > 1 else "")
+
+
+class CategoryState(Metric):
+    """The per-sample tensors of one category on this rank, as concatenated torchmetrics states.
+
+    ``update(maps=…, scores=…, labels=…, index=…, …)`` appends a batch's rows to each named state; ``compute()``
+    lets torchmetrics gather every rank's rows (``dist_reduce_fx="cat"``, rank order, uneven counts allowed) and
+    returns them with repeated sample indices removed (a DDP sampler pads the ranks' shares with repeats), so every
+    rank gets the same de-duplicated rows. The metrics themselves stay zsad's exact functional ones.
+
+    Args:
+        names: the states (each a [N, ...] tensor per batch); ``index`` is required.
+    """
+
+    full_state_update = False
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(compute_with_cache=False)
+        if "index" not in names:
+            raise ValueError("CategoryState: the sample index is required to remove repeated samples")
+        self._names = list(names)
+        for name in self._names:
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, **rows: Tensor) -> None:  # type: ignore[override]
+        for name, value in rows.items():
+            getattr(self, name).append(value)
+
+    def compute(self) -> dict[str, Tensor]:
+        """Every rank's rows (states without rows are left out), the first occurrence of each index kept."""
+        out = {}
+        for name in self._names:
+            value = getattr(self, name)
+            if isinstance(value, list):  # one process: still the list of batch rows
+                value = torch.cat(value) if value else None
+            if value is not None and value.numel() > 0:
+                out[name] = value
+        keep = first_unique(out["index"])
+        return out if keep is None else {k: t[keep] for k, t in out.items()}

@@ -16,12 +16,11 @@ from torch import Tensor
 import zsad
 from zsad.dist import destroy_process_group_at_exit
 from zsad.metrics.collect import (
+    CategoryState,
     add_batch_table,
-    all_gather_rows,
     batch_index,
     declared_extras,
     device_name,
-    first_unique,
     gather_tables,
     spec_json,
     unpack_outputs,
@@ -39,15 +38,11 @@ class _CategoryBuffer:
     dataloader_idx: int
     dataset: str
     category: str
-    maps: list[Tensor] = field(default_factory=list)
-    masks: list[Tensor] | None = field(default_factory=list)
-    scores: list[Tensor] = field(default_factory=list)
-    labels: list[Tensor] = field(default_factory=list)
-    index: list[Tensor] = field(default_factory=list)
+    state: CategoryState  # maps, scores, labels, index, masks?, extra_<name> rows: concatenated, synced by torchmetrics
+    has_masks: bool
     n_seen: int = 0
-    # Extras by their declared kind: image_scalar / image_table rows per batch (gathered and de-duplicated with
-    # the maps), how many images each per-image extra came with, batch_table running [Σ b·table (float64), Σ b].
-    rows: dict[str, list[Tensor]] = field(default_factory=dict)
+    # Extras by their declared kind: image_scalar / image_table rows go into ``state`` (gathered and de-duplicated
+    # with the maps); how many images each per-image extra came with; batch_table running [Σ b·table (float64), Σ b].
     n_rows: dict[str, int] = field(default_factory=dict)
     tables: dict[str, list] = field(default_factory=dict)
 
@@ -143,7 +138,7 @@ class Evaluator(Callback):
                     f"Evaluator: category {key[1]}/{key[2]} came back after it was evaluated; "
                     "test loaders must be ordered by category"
                 )
-            self._current = _CategoryBuffer(*key, masks=None if batch.mask is None else [])
+            self._current = self._new_buffer(key, has_masks=batch.mask is not None)
         self._append(self._current, batch, maps, scores, extras)
 
     def on_test_epoch_end(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
@@ -194,11 +189,13 @@ class Evaluator(Callback):
         b = maps.shape[0]
         index = batch_index(batch, buf.n_seen, maps.device)
         buf.n_seen += b
-        buf.maps.append(maps.detach().float())
-        buf.scores.append(scores.detach().float())
-        buf.labels.append(batch.label.detach().to(maps.device))
-        buf.index.append(index)
-        if buf.masks is not None:
+        rows = {
+            "maps": maps.detach().float(),
+            "scores": scores.detach().float(),
+            "labels": batch.label.detach().to(maps.device),
+            "index": index,
+        }
+        if buf.has_masks:
             if batch.mask is None:
                 raise ValueError(
                     f"Evaluator: {buf.dataset}/{buf.category} mixes batches with and without masks"
@@ -209,15 +206,28 @@ class Evaluator(Callback):
                     f"Evaluator: {buf.dataset}/{buf.category}: masks {tuple(mask.shape)} do not match maps "
                     f"{tuple(maps.shape)}; maps must be at the evaluation resolution"
                 )
-            buf.masks.append(mask.detach().to(maps.device, torch.uint8))
+            rows["masks"] = mask.detach().to(maps.device, torch.uint8)
         for name, value in extras.items():
             kind = self._specs[name].kind
             if self._specs[name].per_image:
                 buf.n_rows[name] = buf.n_rows.get(name, 0) + b
             if kind in ("image_scalar", "image_table"):
-                buf.rows.setdefault(name, []).append(value.detach().float().to(maps.device))
+                rows[f"extra_{name}"] = value.detach().float().to(maps.device)
             elif kind == "batch_table":
                 buf.tables[name] = add_batch_table(buf.tables.get(name), value, b)
+        buf.state.update(**rows)
+
+    def _new_buffer(self, key: tuple[int, str, str], has_masks: bool) -> _CategoryBuffer:
+        rows = sorted(n for n, s in self._specs.items() if s.kind in ("image_scalar", "image_table"))
+        names = [
+            "maps",
+            "scores",
+            "labels",
+            "index",
+            *(["masks"] if has_masks else []),
+            *(f"extra_{n}" for n in rows),
+        ]
+        return _CategoryBuffer(*key, state=CategoryState(names), has_masks=has_masks)
 
     def _finish_category(self, trainer: lightning.Trainer, pl_module: lightning.LightningModule) -> None:
         buf, self._current = self._current, None
@@ -229,16 +239,8 @@ class Evaluator(Callback):
                 f"Evaluator: {buf.dataset}/{buf.category}: per-image extra(s) {partial} came with only some "
                 "batches; a method returns each of its extras for every batch or for none"
             )
-        named = {"maps": buf.maps, "scores": buf.scores, "labels": buf.labels, "index": buf.index}
-        if buf.masks is not None:
-            named["masks"] = buf.masks
-        named.update({f"extra/{n}": rows for n, rows in sorted(buf.rows.items())})
-        buf.maps = buf.scores = buf.labels = buf.index = buf.masks = []  # free the per-batch pieces
-        buf.rows = {}
-        gathered = dict(zip(named, all_gather_rows([torch.cat(parts) for parts in named.values()])))
-        keep = first_unique(gathered["index"])
-        if keep is not None:
-            gathered = {k: t[keep] for k, t in gathered.items()}
+        gathered = buf.state.compute()  # every rank's rows, repeats removed
+        buf.state.reset()  # free the per-batch pieces
         maps, scores, labels, index = (gathered[k] for k in ("maps", "scores", "labels", "index"))
         masks = gathered.get("masks")
         metrics = evaluate(maps, masks, scores, labels, legacy_aupro=self.legacy_aupro)
@@ -247,9 +249,9 @@ class Evaluator(Callback):
         data["n_images"] += int(index.numel())
         self._finished.add(buf.key)
         values = {
-            k.removeprefix("extra/"): _label_means(t, labels)
+            k.removeprefix("extra_"): _label_means(t, labels)
             for k, t in gathered.items()
-            if k.startswith("extra/")
+            if k.startswith("extra_")
         }
         tables = gather_tables(buf.tables)  # each batch_table, over all ranks, weighted by batch size
         buf.tables = {}
