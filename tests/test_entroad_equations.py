@@ -207,13 +207,17 @@ def _reference(model: EntroAD, images: torch.Tensor, training: bool) -> dict[str
         # Routing (L1), routed tokens, gate on t_raw only.
         inv_t = 1.0 / float(cfg.route_temperature)
         r_a, r_n = p * e**inv_t, (1 - p) * (1 - e) ** inv_t
-        w_a, w_n = r_a / r_a.sum(-1, keepdim=True), r_n / r_n.sum(-1, keepdim=True)
+        if cfg.route_norm == "l1":
+            norm = lambda r: r / r.sum(-1, keepdim=True)  # noqa: E731
+        else:
+            norm = lambda r: torch.exp(r) / torch.exp(r).sum(-1, keepdim=True)  # noqa: E731
+        w_a, w_n = norm(r_a), norm(r_n)
         t_n = torch.einsum("bn,bnd->bd", w_n, z)
         n_br = model.n_branches
         if cfg.entropy_split:
             s = torch.sigmoid((e - e.mean(-1, keepdim=True)) / float(cfg.split_temperature))
             ra_a, ra_b = p * (1 - s), p * s
-            w_branch = torch.stack([ra_a / ra_a.sum(-1, keepdim=True), ra_b / ra_b.sum(-1, keepdim=True)], 1)
+            w_branch = torch.stack([norm(ra_a), norm(ra_b)], 1)
         else:
             w_branch = torch.stack([w_a] * n_br, 1)
         t_raw = torch.einsum("bsn,bnd->bsd", w_branch, z)
@@ -316,6 +320,7 @@ def test_forward_matches_the_spec_written_out(training):
         {"patch_dropout_q": 0.5, "image_dropout_q": 0.6, "route_temperature": 0.5},
         {"entropy_split": True, "split_temperature": 0.3},
         {"entropy_split": True},
+        {"route_norm": "softmax", "entropy_split": True},
         {"single_branch": True},
         {"gate": False},
         {"gate_tau": 0.2, "gate_k0": 2.0, "gate_k1": 9.0},
