@@ -116,7 +116,7 @@ def test_protocol_and_trainer_files_compose(path, method):
 @pytest.mark.parametrize("method", ["ava_dino", "mpama", "entroad"])
 def test_bf16_mixed_training_and_evaluation(method, synth, tmp_path, monkeypatch):
     """precision=bf16-mixed end to end (Lightning's autocast on CPU): the Evaluator only ever sees float32 maps."""
-    from zsad.metrics import Evaluator
+    from zsad.callbacks import Evaluator
 
     seen: list[torch.dtype] = []
     original = Evaluator.on_test_batch_end

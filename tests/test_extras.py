@@ -19,7 +19,8 @@ from test_metrics_evaluator import _collate, _dataset, _trainer
 from torch.utils.data import DataLoader
 
 from data_modules.types import Batch
-from zsad.metrics import METRIC_KEYS, Evaluator, Gallery
+from zsad.callbacks import Evaluator, Gallery
+from zsad.metrics import METRIC_KEYS
 from zsad.results.plots import read_gallery
 from zsad.results.schema import validate_metrics_document
 from zsad.types import ExtraSpec

@@ -45,7 +45,6 @@ LAYERS: dict[str, int] = {
     "zsad.methods": 2,
     # module.py, callbacks (Evaluator, gallery) → methods (through the registry), metrics, results
     "zsad.module": 3,
-    "zsad.metrics.evaluator": 3,
     "zsad.callbacks": 3,
     "zsad.wandb_log": 3,  # a finished run's metrics.json → W&B (results only)
     # the data layer (readers, datasets, DataModule): used by run/predict and above, by nothing below
@@ -65,9 +64,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # config → registry → config: the method schema is chosen by name (issue 15 item 1: one registry entry per
     # method, read without config.py importing the methods package).
     ("zsad.config", "zsad.methods.registry"): "issue 15 item 1",
-    # the Evaluator's package face re-exports the callback (layer 3) beside the functional core (layer 1); the
-    # results layer (issue 15 item 3) splits collect/compute from the gallery and moves the face.
-    ("zsad.metrics", "zsad.metrics.evaluator"): "issue 15 item 3",
     # EntroAD builds its own Dataset/DataLoader for the memory pass (issue 15 item 4: the memory is built from
     # batches the DataModule provides).
     ("zsad.methods.entroad.model", "data_modules.dataset"): "issue 15 item 4",

@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from data_modules.types import Batch
-from zsad.metrics import Evaluator, Gallery, evaluate
+from zsad.callbacks import Evaluator, Gallery
+from zsad.metrics import evaluate
 from zsad.results.schema import validate_metrics_document
 from zsad.types import ExtraSpec
 

@@ -195,7 +195,7 @@ def train(cfg: DictConfig, test_after: bool = True, resume: bool = True) -> Path
 
 def test(cfg: DictConfig, module: ZSADModule | None = None, datamodule=None, logger=None) -> dict:  # noqa: ANN001
     """Evaluate on every target set; writes ``metrics.json`` (and a gallery) into the run folder."""
-    from zsad.metrics import Evaluator, Gallery
+    from zsad.callbacks import Evaluator, Gallery
 
     out = run_dir(cfg)
     _fast_matmul()

@@ -14,8 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 import zsad
-from zsad.dist import destroy_process_group_at_exit
-from zsad.metrics.collect import (
+from zsad.callbacks.collect import (
     CategoryState,
     add_batch_table,
     batch_index,
@@ -25,6 +24,7 @@ from zsad.metrics.collect import (
     spec_json,
     unpack_outputs,
 )
+from zsad.dist import destroy_process_group_at_exit
 from zsad.metrics.functional import evaluate
 from zsad.results.aggregate import category_means, extras_means
 from zsad.results.schema import build_metrics_document, write_metrics_json

@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from zsad.metrics.collect import (
+from zsad.callbacks.collect import (
     add_batch_table,
     all_gather_objects,
     batch_index,
@@ -66,7 +66,7 @@ class Gallery(Callback):
     (float16) for each per-image extra and, for each ``batch_table`` extra, the category's table averaged over its
     batches weighted by their size (float32), and ``extras_spec`` (JSON: each written extra's declaration). Each
     rank keeps only its own lowest-index items (a handful, on the CPU); rank 0 writes after the test epoch.
-    ``zsad.results.plots`` draws them. The outputs are read as the Evaluator reads them (``zsad.metrics.collect``);
+    ``zsad.results.plots`` draws them. The outputs are read as the Evaluator reads them (``zsad.callbacks.collect``);
     checking them is the Evaluator's job.
 
     Args:

@@ -1,6 +1,5 @@
-"""Exact metrics (functional core), the Evaluator callback that collects and writes them, the Gallery callback."""
+"""Exact metrics: the functional core (the callbacks that collect and write them live in ``zsad.callbacks``)."""
 
-from zsad.metrics.evaluator import Evaluator
 from zsad.metrics.functional import (
     DEFAULT_CHUNK,
     FPR_LIMIT,
@@ -14,7 +13,6 @@ from zsad.metrics.functional import (
     f1_max,
     pixel_metrics,
 )
-from zsad.metrics.gallery import Gallery
 from zsad.results.schema import (
     IMAGE_KEYS,
     METRIC_KEYS,
@@ -23,9 +21,7 @@ from zsad.results.schema import (
 
 __all__ = [
     "DEFAULT_CHUNK",
-    "Evaluator",
     "FPR_LIMIT",
-    "Gallery",
     "IMAGE_KEYS",
     "METRIC_KEYS",
     "PIXEL_KEYS",
