@@ -480,6 +480,18 @@ def test_backbones_load_through_the_documented_keys(faithful, faithful_cfg, reci
     assert ident["vision"]["pretrained"].endswith(recipe["files"]["dinov3"]["save_as"])
     assert ident["text"]["pretrained"].endswith(recipe["files"]["clip"]["save_as"])
     assert faithful.text.quick_gelu is False  # GELU, as the official create_model builds it
+    # The Meta file's q/v biases and RoPE periods are the model's (the vectors' periods are float32 and equal to
+    # timm's own; ignoring them is caught by tests/test_dinov3.py with bf16 periods, not by these vectors).
+    meta = torch.load(Path(ident["vision"]["pretrained"]), map_location="cpu", weights_only=True)
+    vit = faithful.vision.model
+    assert torch.equal(vit.rope.periods, meta["rope_embed.periods"].float())
+    width = vit.embed_dim
+    qkv_bias = meta["blocks.0.attn.qkv.bias"]
+    assert torch.count_nonzero(qkv_bias[:width]) and torch.count_nonzero(qkv_bias[2 * width :])
+    assert torch.equal(vit.blocks[0].attn.q_bias, qkv_bias[:width])
+    assert torch.equal(
+        vit.blocks[-1].attn.v_bias, meta[f"blocks.{len(vit.blocks) - 1}.attn.qkv.bias"][2 * width :]
+    )
 
 
 def test_default_differs_from_the_reference_exactly_where_documented(
