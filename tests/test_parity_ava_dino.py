@@ -178,14 +178,18 @@ def official_trainable(folder) -> dict[str, Tensor]:
 
 
 @pytest.fixture(scope="module")
-def weight_overrides(folder, recipe, tmp_path_factory) -> tuple[str, ...]:
-    """``<config key>=<file>`` of every backbone file of the recipe (re-created, SHA-checked, real formats)."""
+def weight_overrides(folder, recipe, tmp_path_factory) -> Iterator[tuple[str, ...]]:
+    """``<config key>=<file>`` of every backbone file of the recipe (re-created, SHA-checked, real formats).
+
+    The files (2 GB) are removed when the module ends: pytest keeps its last temporary folders around.
+    """
     out = tmp_path_factory.mktemp("parity_ava_dino_weights")
     files = {name: spec for name, spec in recipe["files"].items() if "config_key" in spec}
     assert set(files) == {"dinov3", "clip"}, files
-    return tuple(
-        f"{spec['config_key']}={pv.write_weights(folder, name, out)}" for name, spec in files.items()
-    )
+    paths = {name: pv.write_weights(folder, name, out) for name in files}
+    yield tuple(f"{files[name]['config_key']}={path}" for name, path in paths.items())
+    for path in paths.values():
+        path.unlink(missing_ok=True)
 
 
 def compose_run(weight_overrides: tuple[str, ...], *layers: Path, overrides: tuple[str, ...] = ()):  # noqa: ANN201
