@@ -19,7 +19,11 @@ def dummy_method(monkeypatch):
     """Register ``dummy`` (tests/_dummy_method.py) in the method registry for framework tests."""
     from zsad.methods import registry
 
-    monkeypatch.setitem(registry.METHODS, "dummy", ("_dummy_method", "DummyConfig", "Dummy"))
+    monkeypatch.setitem(
+        registry.REGISTRY,
+        "dummy",
+        registry.MethodEntry("dummy", "_dummy_method", "DummyConfig", "Dummy", "Dummy"),
+    )
     return "dummy"
 
 

@@ -39,7 +39,9 @@ def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     module.ToyConfig = ToyConfig
     module.Toy = object
     monkeypatch.setitem(sys.modules, "zsad_bench_toy", module)
-    monkeypatch.setitem(registry.METHODS, "toy", ("zsad_bench_toy", "ToyConfig", "Toy"))
+    monkeypatch.setitem(
+        registry.REGISTRY, "toy", registry.MethodEntry("toy", "zsad_bench_toy", "ToyConfig", "Toy", "Toy")
+    )
     exp = tmp_path / "experiments"
     (exp / "protocols").mkdir(parents=True)
     (exp / "protocols" / "toy.yaml").write_text(
@@ -228,6 +230,16 @@ def test_ablation_files_belong_to_the_longest_method_name(tmp_path: Path) -> Non
     }
 
 
+def test_ablation_file_that_names_its_method_belongs_to_it(tmp_path: Path) -> None:
+    (tmp_path / "mpa_wide.yaml").write_text("method: {name: mpama}\n")  # the file's own method.name wins
+    (tmp_path / "wider.yaml").write_text("method: {name: mpa}\n")
+    found = grid.ablation_files(tmp_path, ["mpa", "mpama"])
+    assert {k: [p.stem for p in v] for k, v in found.items()} == {"mpa": ["wider"], "mpama": ["mpa_wide"]}
+    (tmp_path / "x.yaml").write_text("method: {name: nope}\n")
+    with pytest.raises(ConfigError, match="x.yaml: an ablation file name starts with its method"):
+        grid.ablation_files(tmp_path, ["mpa"])
+
+
 def test_leaderboard_metric_keys_match_the_metrics_package() -> None:
     from zsad.metrics import METRIC_KEYS as METRICS_KEYS
 
@@ -242,7 +254,7 @@ def test_bench_presets_parse_and_compose(path: Path, monkeypatch: pytest.MonkeyP
     assert runs, f"{path} expands to no run"
     grid.compose_all(runs)
     for run in runs:
-        assert run.cfg.method.name in registry.METHODS
+        assert run.cfg.method.name in registry.REGISTRY
         assert run.cfg.seed == run.seed and run.run_dir.name == run.name
     labels = {r.label for r in runs}
     assert {m.name for m in spec.methods} <= labels
@@ -254,7 +266,7 @@ def test_default_bench_is_the_cpu_demo_of_all_methods() -> None:
     spec = grid.load_spec(BENCH_DIR / "default.yaml")
     runs = grid.expand(spec)
     grid.compose_all(runs)
-    assert {r.cfg.method.name for r in runs} == set(registry.METHODS)
+    assert {r.cfg.method.name for r in runs} == set(registry.REGISTRY)
     toy = {str(p) for p in toy_paths().values()}
     random_rows = set()
     for r in runs:

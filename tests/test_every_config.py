@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from zsad.config import EXPERIMENTS, compose
-from zsad.methods.registry import METHODS, tiny_overrides
+from zsad.methods.registry import REGISTRY, tiny_overrides
 
 METHOD_FILES = sorted((EXPERIMENTS / "methods").glob("*.yaml"))
 ABLATION_FILES = sorted((EXPERIMENTS / "ablations").glob("*.yaml"))
@@ -29,7 +29,7 @@ def _method_of(path: Path) -> str:
 
 
 def test_every_method_has_a_paper_config():
-    assert {p.stem for p in METHOD_FILES} == set(METHODS)
+    assert {p.stem for p in METHOD_FILES} == set(REGISTRY)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_ablation_fast_dev_run(path, synth, tmp_path):
 @pytest.mark.parametrize(
     "path", PROTOCOL_FILES + TRAINER_FILES, ids=[p.stem for p in PROTOCOL_FILES + TRAINER_FILES]
 )
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_protocol_and_trainer_files_compose(path, method):
     cfg = compose([EXPERIMENTS / "methods" / f"{method}.yaml", path])
     if path.parent.name == "protocols":

@@ -8,12 +8,12 @@ import torch
 from tests_support import batch_of
 
 from zsad.config import EXPERIMENTS, compose
-from zsad.methods.registry import METHODS, build_method, tiny_overrides
+from zsad.methods.registry import REGISTRY, build_method, tiny_overrides
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_method_step_and_eval_on_cuda_bf16(method):
     from zsad.methods.base import build_optimizer
 

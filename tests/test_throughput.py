@@ -38,7 +38,7 @@ def test_harness_writes_a_valid_table_on_cpu(tmp_path):
         assert 0 < r["backbone_frac"] <= 1
         assert r["backbone_gflops_per_img"] < r["gflops_per_img"]  # the heads cost something too
         assert r["infer_batch"] == r["train_batch"] == 2
-        assert r["image_size"] == tp.CPU_SIZES.get(r["method"], tp.CPU_SIZE)
+        assert r["image_size"] == tp.REGISTRY[r["method"]].cpu_size
         assert r["mfu_forward"] is None and r["infer_peak_gb"] is None  # no card, no MFU or GPU memory
         assert list(r["train"]) == ["main"] and r["train"]["main"]["img_s"] == r["train_img_s"]
     ld = report["loading"]

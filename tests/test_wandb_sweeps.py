@@ -15,9 +15,9 @@ SWEEPS = sorted((EXPERIMENTS / "sweeps").glob("*.yaml"))
 
 
 def test_every_method_has_a_sweep():
-    from zsad.methods.registry import METHODS
+    from zsad.methods.registry import REGISTRY
 
-    assert {p.stem for p in SWEEPS} == set(METHODS)
+    assert {p.stem for p in SWEEPS} == set(REGISTRY)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])

@@ -241,20 +241,23 @@ def _check_overrides(items: Any, where: str) -> None:
 
 
 def ablation_files(folder: Path, methods: list[str]) -> dict[str, list[Path]]:
-    """Method name → its ablation YAMLs: files named ``<method>_<what>.yaml`` (longest method name wins, so
-    ``mpama_x`` belongs to ``mpama``, not ``mpa``).
+    """Method name → its ablation YAMLs: the method a file sets (``method.name``), else the one its name starts with
+    (``<method>_<what>.yaml``; longest method name wins, so ``mpama_x`` belongs to ``mpama``, not ``mpa``).
 
     Raises:
-        ConfigError: a file whose name starts with no known method.
+        ConfigError: a file that names an unknown method, or none and whose name starts with no known method.
     """
-    from zsad.methods.registry import METHODS
+    from zsad.methods.registry import REGISTRY
 
     out: dict[str, list[Path]] = {m: [] for m in methods}
     for f in sorted(folder.glob("*.yaml")):
-        owner = max((m for m in METHODS if f.stem.startswith(m + "_")), key=len, default=None)
-        if owner is None:
+        named = OmegaConf.select(load_yaml(f), "method.name")
+        prefix = max((m for m in REGISTRY if f.stem.startswith(m + "_")), key=len, default=None)
+        owner = prefix if named is None else str(named)
+        if owner not in REGISTRY:
             raise ConfigError(
-                f"{f}: an ablation file name starts with its method's name and '_' (one of {sorted(METHODS)})"
+                f"{f}: an ablation file name starts with its method's name and '_', or the file sets method.name "
+                f"(one of {sorted(REGISTRY)})"
             )
         if owner in out:
             out[owner].append(f)

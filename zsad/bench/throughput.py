@@ -39,13 +39,15 @@ from zsad.bench.instruments import (
     with_backoff,
 )
 from zsad.bench.loading import measure_loading
-from zsad.results.throughput import check_targets, to_markdown
+from zsad.methods.registry import REGISTRY
+from zsad.results.throughput import check_targets as judge_targets
+from zsad.results.throughput import to_markdown
 from zsad.versions import versions
 
-METHODS = ["anomalyclip", "mpa", "mpama", "entroad", "ava_dino"]
+METHODS = [name for name, e in REGISTRY.items() if e.throughput]
 # Rows measured by default besides the paper configurations: <method>:<ablation> layers experiments/ablations/
-# <method>_<ablation>.yaml on the method (here: DINOv3 weights stored in bf16, DESIGN.md's 279 → 344 img/s row).
-DEFAULT_ROWS = [*METHODS, "ava_dino:vision_bf16"]
+# <method>_<ablation>.yaml on the method (the registry's throughput_ablations).
+DEFAULT_ROWS = [*METHODS, *(f"{m}:{a}" for m in METHODS for a in REGISTRY[m].throughput_ablations)]
 
 
 def split_row(row: str) -> tuple[str, str | None]:
@@ -63,9 +65,6 @@ BF16_PEAK_TFLOPS = {
     "L40S": 362.0,
     "RTX 4090": 165.0,
 }
-# CPU input sides of the tiny presets: the smallest multiples of the patch (14 CLIP, 16 DINOv3) with a 4×4 grid.
-CPU_SIZES = {"ava_dino": 64}
-CPU_SIZE = 56
 # Size of EntroAD's random memory on the GPU: MVTec AD's test set, the auxiliary set of the paper's VisA protocol.
 ENTROAD_MEMORY_IMAGES = 1725
 
@@ -76,7 +75,7 @@ class Settings:
 
     device: str
     tiny: bool
-    image_size: int | None  # None: the method's paper size (on the CPU: CPU_SIZES)
+    image_size: int | None  # None: the method's paper size (on the CPU: the registry's cpu_size)
     infer_batch: int
     train_batch: int | None  # None: the method's configured (paper) batch size
     steps: int
@@ -95,14 +94,8 @@ class Settings:
 
 def bench_overrides(method: str, tiny: bool, image_size: int | None) -> list[str]:
     """Config overrides: random weights (tiny presets on CPU) and an optional input size."""
-    from zsad.methods.registry import tiny_overrides
-
-    if tiny:
-        over = tiny_overrides(method)
-    elif method == "ava_dino":
-        over = ["method.vision.pretrained=none", "method.text.pretrained=none"]
-    else:
-        over = ["method.clip.pretrained=none"]
+    e = REGISTRY[method]
+    over = e.tiny_overrides() if tiny else e.random_overrides()
     if image_size:
         over.append(f"method.image_size={image_size}")
     return over
@@ -309,9 +302,9 @@ def measure_method(row: str, s: Settings) -> dict:
     """Build ``row`` (a method, or ``method:ablation``; random weights at paper size, or tiny) and measure it."""
     torch.manual_seed(0)
     method, ablation = split_row(row)
-    size = s.image_size or (CPU_SIZES.get(method, CPU_SIZE) if s.device == "cpu" else None)
+    size = s.image_size or (REGISTRY[method].cpu_size if s.device == "cpu" else None)
     model, cfg = build_model(method, s.tiny, size, ablation)
-    if method == "entroad":
+    if REGISTRY[method].memory:
         fill_random_memory(model, s.memory_images)
     train_batch = s.train_batch or int(cfg.method.batch_size)
     try:
@@ -320,6 +313,20 @@ def measure_method(row: str, s: Settings) -> dict:
         del model
         if torch.device(s.device).type == "cuda":
             torch.cuda.empty_cache()
+
+
+def method_targets() -> dict[str, dict[str, float]]:
+    """Issue 9's per-method targets from the registry: report key → method → minimum."""
+    out: dict[str, dict[str, float]] = {}
+    for name, e in REGISTRY.items():
+        for key, target in e.targets:
+            out.setdefault(key, {})[name] = target
+    return out
+
+
+def check_targets(report: dict) -> list[dict]:
+    """Issue 9's targets (the per-method ones from the registry) against the measured rows."""
+    return judge_targets(report, method_targets())
 
 
 def measure_metrics(n: int, size: int, categories: int, device: str) -> dict:
@@ -416,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16_peak_tflops": _card_peak(torch.device(s.device)),
         "settings": asdict(s),
         "methods": [],
+        "method_targets": method_targets(),  # so that the report can be judged again without the registry
     }
     for m in [x for x in args.methods.split(",") if x]:
         try:

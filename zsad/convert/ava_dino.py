@@ -31,8 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from zsad.convert import ConversionError, check_keys, method_node
+from zsad.convert import CONVERTERS, ConversionError, check_keys, method_node
 
+METHOD = next(name for name, module in CONVERTERS.items() if module == __name__)  # the registry's entry
 N_TAPS = 4  # AVADino builds four adapters per branch, for DINOv3 blocks 6, 12, 18, 24 (1-based)
 OFFICIAL_TAPS = [6, 12, 18, 24]
 MODULES = (  # train.py's wrapper keys, each holding one sub-module's state_dict()
@@ -66,8 +67,8 @@ def name_map() -> dict[str, str]:
 def _check_config(cfg: Any) -> None:  # noqa: ANN401 - run config or method node
     """The zsad configuration must have the official model's structure; name the key that does not."""
     m = method_node(cfg)
-    if str(m.name) != "ava_dino":
-        raise ConversionError(f"method.name: an AVA-DINO checkpoint needs method ava_dino, not {m.name!r}")
+    if str(m.name) != METHOD:
+        raise ConversionError(f"method.name: an AVA-DINO checkpoint needs method {METHOD}, not {m.name!r}")
     wrong = {
         "method.taps": (list(m.taps), OFFICIAL_TAPS),
         "method.shared_adapters": (bool(m.shared_adapters), False),
