@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from zsad.backbones.base import IMAGENET_MEAN, IMAGENET_STD, VisionFeatures
 from zsad.backbones.errors import WeightsError
+from zsad.backbones.weights import few as _few
+from zsad.backbones.weights import read_state_dict, resolve_source, tag_unavailable
 
 # Test / CPU-demo preset: the DINOv3 recipe (RoPE, 4 registers, layer scale, patch 16) at toy width and depth.
 # Layer scale starts at 1 (not 1e-5) so that random blocks change the tokens and taps differ visibly.
@@ -42,10 +44,12 @@ class DINOv3Backbone(nn.Module):
         patch_size: 16 for every DINOv3 ViT.
         num_registers: register tokens after the CLS token (4).
         mean, std: ImageNet normalisation the weights expect.
+        interpolation: the image resize of the data layer for DINOv3 (``bilinear``, as the reference's loaders).
     """
 
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
 
     def __init__(
         self, model: nn.Module, name: str, pretrained: str, rope_periods: Tensor | None = None
@@ -144,14 +148,6 @@ class DINOv3Backbone(nn.Module):
         )
 
 
-def _is_path(pretrained: str) -> bool:
-    return (
-        "/" in pretrained
-        or "\\" in pretrained
-        or Path(pretrained).suffix in {".pth", ".pt", ".safetensors", ".bin"}
-    )
-
-
 def _arch(name: str) -> tuple[str, dict[str, Any]]:
     """timm architecture and keyword overrides for ``name`` (a timm DINOv3 ViT name or ``tiny``)."""
     if name == "tiny":
@@ -184,23 +180,31 @@ def build_dinov3(
     """
     arch, overrides = _arch(name)
     kwargs: dict[str, Any] = dict(num_classes=0, img_size=image_size, **overrides)
-    source = str(pretrained)
+    tags = [] if name == "tiny" else [m.split(".", 1)[1] for m in timm.list_pretrained(f"{arch}.*")]
+    source = resolve_source(
+        pretrained,
+        name=name,
+        config_key=config_key,
+        family="timm",
+        is_tag=tags.__contains__,
+        known_tags=lambda: tags,
+    )
     periods = None
     try:
-        if source == "none":
+        if source.kind == "none":
             model = timm.create_model(arch, pretrained=False, **kwargs)
-        elif _is_path(source) or Path(source).exists():
-            model, periods = _from_file(arch, kwargs, Path(source).expanduser(), config_key)
+        elif source.kind == "file":
+            model, periods = _from_file(arch, kwargs, source.path, config_key)
         else:
-            model = _from_tag(arch, name, source, kwargs, config_key)
+            model = _from_tag(arch, source.value, kwargs, config_key)
     except WeightsError:
         raise
     except (OSError, RuntimeError, KeyError, ValueError) as e:
         raise WeightsError(
-            f"cannot load DINOv3 weights {source!r} for {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            f"cannot load DINOv3 weights {source.value!r} for {name!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             f" — set {config_key} to a local weight file, or to 'none' for random weights"
         ) from e
-    return DINOv3Backbone(model, name=name, pretrained=source, rope_periods=periods)
+    return DINOv3Backbone(model, name=name, pretrained=source.value, rope_periods=periods)
 
 
 # Meta's DINOv3 names → timm's Eva names (the only renames; every other key is the same in both).
@@ -208,23 +212,6 @@ _META_RENAMES = (("ls1.gamma", "gamma_1"), ("ls2.gamma", "gamma_2"))
 # Meta keys with no counterpart in the frozen backbone's forward: EUPE distillation heads and the 7B model's norm for
 # local crops (training only). They are dropped by name and listed in the log.
 _META_UNUSED_PREFIXES = ("projectors.", "local_cls_norm.")
-
-
-def _read_state_dict(path: Path, config_key: str) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise WeightsError(f"DINOv3 weight file not found: {path}; set {config_key} to an existing file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd: Any = load_file(str(path))
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model_ema", "model", "module", "state_dict", "teacher"):  # training checkpoints nest it
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
-        raise WeightsError(f"{path} ({config_key}) does not hold a state dict of tensors")
-    return sd
 
 
 def _with_qkv_bias(arch: str, path: Path, config_key: str) -> str:
@@ -243,7 +230,7 @@ def _from_file(
     arch: str, kwargs: dict[str, Any], path: Path, config_key: str
 ) -> tuple[nn.Module, Tensor | None]:
     """A timm model loaded from a local timm or Meta file, and the file's RoPE periods (Meta files) or ``None``."""
-    sd = _read_state_dict(path, config_key)
+    sd = read_state_dict(path, config_key)
     meta = "storage_tokens" in sd
     if any(k.endswith(("attn.qkv.bias", "attn.q_bias")) for k in sd):
         arch = _with_qkv_bias(arch, path, config_key)
@@ -264,7 +251,7 @@ def _from_file(
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise WeightsError(
-            f"{path} ({config_key}) does not fit {arch}: missing keys {_few(missing)}, unexpected keys "
+            f"{config_key}: '{path}' does not fit {arch}: missing keys {_few(missing)}, unexpected keys "
             f"{_few(unexpected)}"
         )
     return model, periods
@@ -338,28 +325,12 @@ def _masked_qv_bias(key: str, bias: Tensor, mask: Tensor | None, where: str) -> 
     return q.clone(), v.clone()
 
 
-def _few(keys: list[str], n: int = 5) -> str:
-    keys = list(keys)
-    more = f" … (+{len(keys) - n})" if len(keys) > n else ""
-    return f"{keys[:n]}{more}"
-
-
-def _from_tag(arch: str, name: str, tag: str, kwargs: dict[str, Any], config_key: str) -> nn.Module:
-    if name == "tiny":
-        raise WeightsError(
-            f"the tiny preset has no published weights; set {config_key} to 'none' or a local file"
-        )
-    tags = [m.split(".", 1)[1] for m in timm.list_pretrained(f"{arch}.*")]
-    if tag not in tags:
-        raise WeightsError(
-            f"unknown weight tag {tag!r} for {arch} ({config_key}); known tags: {tags}, a file, or none"
-        )
+def _from_tag(arch: str, tag: str, kwargs: dict[str, Any], config_key: str) -> nn.Module:
     try:
         return timm.create_model(f"{arch}.{tag}", pretrained=True, **kwargs)
     except OSError as e:  # huggingface_hub raises OSError subclasses when offline or the file is not cached
-        raise WeightsError(
-            f"DINOv3 weights {arch}.{tag} are not in the local Hugging Face cache and cannot be downloaded "
-            f"(offline?): set {config_key} to a local weight file (timm or Meta .pth), or to 'none'"
+        raise tag_unavailable(
+            config_key, tag, arch, "not in the local Hugging Face cache and cannot be downloaded: offline?"
         ) from e
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.types import Batch
-from zsad.backbones.base import VisionFeatures
+from zsad.backbones.base import Backbone, VisionFeatures
 from zsad.config import CLIPBackboneConfig, MethodConfig, OptimConfig, StageConfig
 from zsad.losses import segmentation_loss
 from zsad.maps import gaussian_blur, image_score, tokens_to_grid, upsample
@@ -102,8 +102,7 @@ class AnomalyCLIP(ZSADMethod):
         )
         self.clip.requires_grad_(False)
         self.clip.eval()
-        self.mean = tuple(self.clip.visual.mean)
-        self.std = tuple(self.clip.visual.std)
+        self.adopt_preprocessing(self.clip.visual)
         n_blocks = int(self.clip.visual.n_blocks)
         bad = [t for t in cfg.taps if not 1 <= int(t) <= n_blocks]
         if bad:
@@ -258,6 +257,10 @@ class AnomalyCLIP(ZSADMethod):
     def image_ce_trains(self) -> bool:
         """Whether the image CE is part of the optimised loss (MPAMA's stage moe: a constant, logged only)."""
         return True
+
+    @property
+    def vision_backbone(self) -> Backbone:
+        return self.clip.visual
 
     def identity(self) -> dict[str, Any]:
         return {**self.clip.identity(), "image_size": self.input_size}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_modules.types import Batch
-from zsad.backbones.base import IMAGENET_MEAN, IMAGENET_STD
+from zsad.backbones.base import Backbone
 from zsad.backbones.clip import build_clip
 from zsad.backbones.dinov3 import build_dinov3
 from zsad.config import BackboneConfig, MapScoreRule, MethodConfig, OptimConfig, StageConfig
@@ -259,9 +259,6 @@ class AvaDino(ZSADMethod):
     """AVA-DINO on the method contract: frozen ``vision`` (DINOv3) and ``text`` (CLIP text tower), trainable ``heads``."""
 
     frozen_modules = ("vision", "text")
-    interpolation = "bilinear"
-    mean = IMAGENET_MEAN
-    std = IMAGENET_STD
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -271,6 +268,7 @@ class AvaDino(ZSADMethod):
             int(cfg.image_size),
             config_key="method.vision.pretrained",
         )
+        self.adopt_preprocessing(self.vision)  # ImageNet mean/std, bilinear resize
         self.text = build_clip(
             str(cfg.text.name),
             str(cfg.text.pretrained),
@@ -362,6 +360,10 @@ class AvaDino(ZSADMethod):
             + (float(cfg.w_route) * terms["route"] if use_route else zero)
         )
         return {"loss": total, **terms}
+
+    @property
+    def vision_backbone(self) -> Backbone:
+        return self.vision
 
     def identity(self) -> dict[str, Any]:
         return {"vision": self.vision.identity(), "text": self.text.identity(), "taps": list(self.taps)}

@@ -10,11 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from data_modules.types import Batch
-from zsad.backbones.base import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 — re-exported for older imports
+from zsad.backbones.base import (  # the normalisation constants are re-exported here for older imports
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,  # noqa: F401
+    IMAGENET_STD,  # noqa: F401
+    Backbone,
+)
 from zsad.types import AnomalyOutput, ExtraSpec
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -35,6 +38,7 @@ class ZSADMethod(nn.Module):
     """
 
     frozen_modules: tuple[str, ...] = ()
+    # The data layer's preprocessing; a method on a vision backbone copies its backbone's (``vision_backbone``).
     interpolation: str = "bicubic"  # image resize used by the data layer
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
@@ -85,6 +89,18 @@ class ZSADMethod(nn.Module):
         """Hook run after a stage's fit (MPAMA caches its frozen prompts' text features here)."""
 
     # --- frozen parts ------------------------------------------------------------------------------------------
+    @property
+    def vision_backbone(self) -> Backbone | None:
+        """The frozen vision backbone (a ``zsad.backbones.base.Backbone``) the benches time and hook; ``None``
+        for a method without one. Every method on a backbone overrides this."""
+        return None
+
+    def adopt_preprocessing(self, backbone: Backbone) -> None:
+        """Take the data layer's normalisation and resize from the vision backbone the weights belong to."""
+        self.mean = tuple(float(m) for m in backbone.mean)
+        self.std = tuple(float(s) for s in backbone.std)
+        self.interpolation = str(backbone.interpolation)
+
     def train(self, mode: bool = True) -> ZSADMethod:
         super().train(mode)
         for m in self.frozen_modules:  # frozen is frozen: no dropout/BN updates, whatever Lightning asks

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from data_modules.types import Batch
+from zsad.backbones.base import Backbone
 from zsad.config import BackboneConfig, MethodConfig, StageConfig
 from zsad.maps import gaussian_blur, image_score, upsample
 from zsad.methods.base import ZSADMethod
@@ -93,8 +94,7 @@ class WinCLIP(ZSADMethod):
         self.clip = build_clip(cfg.clip.name, cfg.clip.pretrained, image_size=int(cfg.image_size))
         self.clip.requires_grad_(False)
         self.clip.eval()
-        self.mean = tuple(self.clip.visual.mean)
-        self.std = tuple(self.clip.visual.std)
+        self.adopt_preprocessing(self.clip.visual)
         self.text_cache = EnsembleTextCache()
 
     def encode_windows(self, tokens: Tensor, index: Tensor | None) -> Tensor:
@@ -152,6 +152,10 @@ class WinCLIP(ZSADMethod):
 
     def loss(self, output: AnomalyOutput, batch: Batch) -> dict[str, Tensor]:
         raise RuntimeError("WinCLIP is training-free: it has no loss (method.stages is empty)")
+
+    @property
+    def vision_backbone(self) -> Backbone:
+        return self.clip.visual
 
     def identity(self) -> dict[str, Any]:
         return {**self.clip.identity(), "image_size": self.input_size}

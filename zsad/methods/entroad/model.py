@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_modules.types import Batch, Sample
+from zsad.backbones.base import Backbone
 from zsad.losses import dice_loss, focal_loss, segmentation_loss
 from zsad.maps import gaussian_blur, image_score, tokens_to_grid, upsample
 from zsad.methods.base import ZSADMethod
@@ -107,7 +108,7 @@ class EntroAD(ZSADMethod):
         bad = [t for t in cfg.taps if not 1 <= int(t) <= vis.n_blocks]
         if bad:
             raise ValueError(f"method.taps: blocks {bad} outside 1..{vis.n_blocks} of {cfg.clip.name!r}")
-        self.mean, self.std = tuple(vis.mean), tuple(vis.std)
+        self.adopt_preprocessing(vis)
         self.taps = tuple(int(t) for t in cfg.taps)
         self.kernels = tuple(int(k) for k in cfg.kernels)
         self.n_branches = 1 if cfg.single_branch else 2
@@ -132,6 +133,10 @@ class EntroAD(ZSADMethod):
         self.retrieval.requires_grad_(name == "retrieval")
         self.prompts.requires_grad_(name == "prompt")
         self.bias.requires_grad_(name == "prompt")
+
+    @property
+    def vision_backbone(self) -> Backbone:
+        return self.clip.visual
 
     def identity(self) -> dict[str, Any]:
         return {**self.clip.identity(), "image_size": self.input_size}
