@@ -198,6 +198,27 @@ class ZSADDataModule(L.LightningDataModule):
             return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **kwargs)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, **kwargs)
 
+    def auxiliary_dataloader(
+        self, batch_size: int | None = None, num_workers: int | None = None
+    ) -> DataLoader:
+        """The auxiliary samples for one pass in their order: no shuffle and no sampler (under DDP every rank sees
+        every sample), with masks, preprocessed as the training batches (EntroAD builds its memory from these).
+
+        Args:
+            batch_size, num_workers: default: the training loader's.
+        """
+        if not self.train_samples:
+            self.setup("fit")
+        workers = self.num_workers if num_workers is None else int(num_workers)
+        return DataLoader(
+            self._dataset(self.train_samples, with_masks=True),
+            batch_size=self.batch_size if batch_size is None else int(batch_size),
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+        )
+
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per target dataset, in the configured order, batched by ``CategoryBatchSampler``."""
         if not self.test_samples:

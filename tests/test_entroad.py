@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
+from data_modules.datamodule import ZSADDataModule
 from data_modules.dataset import ZSADDataset, collate
 from data_modules.types import Sample
 from zsad.config import EXPERIMENTS, compose
@@ -66,6 +67,13 @@ def data(tmp_path_factory):
     }
 
 
+def _aux(samples, model: EntroAD) -> ZSADDataModule:
+    """The DataModule holding ``samples`` as the auxiliary set, with the model's preprocessing (no reader)."""
+    dm = ZSADDataModule(None, [], model.input_size, model.mean, model.std, model.interpolation, num_workers=0)
+    dm.train_samples = list(samples)
+    return dm
+
+
 def _batch(samples, with_masks=True):
     ds = ZSADDataset(
         samples,
@@ -94,7 +102,7 @@ def _count_calls(monkeypatch, module, name: str) -> list:
 def built(data, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     model = _model()
-    model.prepare(data["train"], cache, torch.device("cpu"))
+    model.prepare(_aux(data["train"], model), cache, torch.device("cpu"))
     return model, cache
 
 
@@ -159,22 +167,22 @@ def test_memory_cache_is_reused_and_invalidated(data, tmp_path, monkeypatch):
     cpu = torch.device("cpu")
     first = _model()
     calls_first = _count_calls(monkeypatch, first.clip.visual, "forward")
-    first.prepare(data["train"], tmp_path, cpu)
+    first.prepare(_aux(data["train"], first), tmp_path, cpu)
     assert len(calls_first) == 2  # 6 images in batches of 4
     assert len(list(tmp_path.glob("entroad_memory_*.pt"))) == 1
     again = _model()
     calls = _count_calls(monkeypatch, again.clip.visual, "forward")
-    again.prepare(data["train"], tmp_path, cpu)
+    again.prepare(_aux(data["train"], again), tmp_path, cpu)
     assert calls == []  # no encoder pass: the cached memory is reused
     assert torch.equal(again.memory.patch_keys, first.memory.patch_keys)
     # A changed auxiliary set rebuilds (a new file) and memorises exactly the new set.
-    again.prepare(data["train"][:4], tmp_path, cpu)
+    again.prepare(_aux(data["train"][:4], again), tmp_path, cpu)
     assert len(calls) == 1 and again.memory.image_keys.shape[0] == 4
     # Changed kernels or input size also change the key.
     for over in ({"kernels": [1, 3]}, {"image_size": 42}):
         other = _model(**over)
         calls_other = _count_calls(monkeypatch, other.clip.visual, "forward")
-        other.prepare(data["train"], tmp_path, cpu)
+        other.prepare(_aux(data["train"], other), tmp_path, cpu)
         assert len(calls_other) == 2, over
     assert len(list(tmp_path.glob("entroad_memory_*.pt"))) == 4
 
@@ -185,8 +193,8 @@ def test_memory_travels_in_the_checkpoint(built, data):
     assert not fresh.memory.built
     fresh.load_trainable_state_dict(model.trainable_state_dict())
     fresh.prepare(
-        [], Path("/nonexistent"), torch.device("cpu")
-    )  # test-only run: no training samples, no rebuild
+        None, Path("/nonexistent"), torch.device("cpu")
+    )  # test-only run: no auxiliary set, no rebuild
     assert torch.equal(fresh.memory.image_keys, model.memory.image_keys)
     batch = _batch(data["target"])
     model.eval(), fresh.eval()
@@ -198,7 +206,9 @@ def test_memory_travels_in_the_checkpoint(built, data):
 def test_empty_memory_and_empty_training_set_are_errors():
     model = _model()
     with pytest.raises(ValueError, match="data.train"):
-        model.prepare([], Path("/nonexistent"), torch.device("cpu"))
+        model.prepare(None, Path("/nonexistent"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="data.train"):
+        model.prepare(_aux([], model), Path("/nonexistent"), torch.device("cpu"))
     with pytest.raises(RuntimeError, match="memory is empty"):
         model.eval()(torch.zeros(1, 3, SIZE, SIZE), None)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from test_entroad import SIZE, TINY, _batch, _write_samples
 
+from data_modules.datamodule import ZSADDataModule
 from data_modules.dataset import ZSADDataset, collate
 from zsad.config import EXPERIMENTS, compose
 
@@ -22,8 +23,12 @@ def test_lightning_stages_and_test_only_run_from_checkpoint(tmp_path):
     train = data["train"]
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
-    class AuxData(L.LightningDataModule):
-        train_samples = train
+    class AuxData(ZSADDataModule):
+        """The DataModule with the auxiliary samples given (no reader): the memory is built from its batches."""
+
+        def __init__(self) -> None:
+            super().__init__(None, [], SIZE, mean, std, batch_size=3, num_workers=0)
+            self.train_samples = train
 
         def train_dataloader(self):
             return DataLoader(ZSADDataset(train, SIZE, mean, std), batch_size=3, collate_fn=collate)

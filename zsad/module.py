@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_modules.types import Batch
 from zsad.dist import destroy_process_group_at_exit
-from zsad.methods.base import ZSADMethod, build_optimizer
+from zsad.methods.base import AuxiliaryData, ZSADMethod, build_optimizer
 from zsad.methods.registry import build_method
 from zsad.types import AnomalyOutput, ExtraSpec
 
@@ -59,13 +59,15 @@ class ZSADModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if not self._prepared:
             dm = getattr(self.trainer, "datamodule", None)
-            samples = getattr(dm, "train_samples", [])
+            data = (
+                dm if isinstance(dm, AuxiliaryData) else None
+            )  # the auxiliary set's batches come from the DataModule
             # Under DDP rank 0 prepares first (EntroAD builds and caches its memory); the others then find the cache.
             if self.trainer.world_size > 1 and not self.trainer.is_global_zero:
                 self.trainer.strategy.barrier("zsad-prepare")
-                self.model.prepare(samples, self.cache_dir, self.device)
+                self.model.prepare(data, self.cache_dir, self.device)
             else:
-                self.model.prepare(samples, self.cache_dir, self.device)
+                self.model.prepare(data, self.cache_dir, self.device)
                 if self.trainer.world_size > 1:
                     self.trainer.strategy.barrier("zsad-prepare")
             self._prepared = True

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from data_modules.types import Batch
+from data_modules.types import Batch, Sample
 from zsad.backbones.base import (  # the normalisation constants are re-exported here for older imports
     CLIP_MEAN,
     CLIP_STD,
@@ -27,6 +28,26 @@ class Stage:
     name: str
     epochs: int
     optim: Any
+
+
+@runtime_checkable
+class AuxiliaryData(Protocol):
+    """The auxiliary (training) set as the DataModule holds it (``data_modules.datamodule.ZSADDataModule``).
+
+    Attributes:
+        train_samples: its samples (empty in a test-only run).
+        mask_resize: how its masks are resized (``data.mask_resize``): the one data option that changes its batches
+            beyond the method's own preprocessing.
+    """
+
+    train_samples: list[Sample]
+    mask_resize: str
+
+    def auxiliary_dataloader(
+        self, batch_size: int | None = None, num_workers: int | None = None
+    ) -> Iterable[Batch]:
+        """Its batches for one pass, in sample order, with masks, preprocessed as the training batches."""
+        ...
 
 
 class ZSADMethod(nn.Module):
@@ -82,8 +103,9 @@ class ZSADMethod(nn.Module):
         frozen = {id(p) for m in self.frozen_modules for p in getattr(self, m).parameters()}
         return [p for p in self.parameters() if id(p) not in frozen]
 
-    def prepare(self, train_samples: list, cache_dir: Path, device: torch.device) -> None:
-        """Hook run once before training (EntroAD builds its memory here). Default: nothing."""
+    def prepare(self, data: AuxiliaryData | None, cache_dir: Path, device: torch.device) -> None:
+        """Hook run once before training with the DataModule (``None`` when it holds no auxiliary set): EntroAD
+        builds its memory here from the batches ``data.auxiliary_dataloader`` provides. Default: nothing."""
 
     def on_stage_end(self, name: str) -> None:
         """Hook run after a stage's fit (MPAMA caches its frozen prompts' text features here)."""

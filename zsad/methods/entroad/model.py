@@ -20,12 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from data_modules.types import Batch, Sample
 from zsad.backbones.base import Backbone
 from zsad.losses import dice_loss, focal_loss, segmentation_loss
 from zsad.maps import gaussian_blur, image_score, tokens_to_grid, upsample
-from zsad.methods.base import ZSADMethod
+from zsad.methods.base import AuxiliaryData, ZSADMethod
 from zsad.methods.entroad import memory as M
 from zsad.methods.entroad.entropy import structural_entropy
 from zsad.methods.entroad.routing import (
@@ -142,9 +143,9 @@ class EntroAD(ZSADMethod):
         return {**self.clip.identity(), "image_size": self.input_size}
 
     # --- memory --------------------------------------------------------------------------------------------------
-    def memory_settings(self, device: torch.device) -> dict[str, Any]:
+    def memory_settings(self, device: torch.device, mask_resize: str = "float") -> dict[str, Any]:
         """Everything besides samples and backbone that changes the memory's content (part of its cache key)."""
-        return {
+        settings = {
             "input_size": self.input_size,
             "kernels": list(self.kernels),
             "tap": self.taps[-1],
@@ -157,28 +158,36 @@ class EntroAD(ZSADMethod):
             "std": list(self.std),
             "bf16": self._memory_bf16(device),
         }
+        if (
+            mask_resize != "float"
+        ):  # absent for the default: memories cached before it was a setting stay valid
+            settings["mask_resize"] = mask_resize
+        return settings
 
     def _memory_bf16(self, device: torch.device) -> bool:
         return bool(self.cfg.memory_bf16) and device.type == "cuda"
 
     def memory_path(
-        self, train_samples: list[Sample], cache_dir: Path, device: torch.device
+        self, train_samples: list[Sample], cache_dir: Path, device: torch.device, mask_resize: str = "float"
     ) -> tuple[Path, str]:
-        key = M.cache_key(train_samples, self.identity(), self.memory_settings(device))
+        key = M.cache_key(train_samples, self.identity(), self.memory_settings(device, mask_resize))
         return Path(cache_dir) / f"entroad_memory_{key[:20]}.pt", key
 
-    def prepare(self, train_samples: list[Sample], cache_dir: Path, device: torch.device) -> None:
-        """Build (or reuse from ``cache_dir``) the memory from the auxiliary training samples."""
+    def prepare(self, data: AuxiliaryData | None, cache_dir: Path, device: torch.device) -> None:
+        """Build (or reuse from ``cache_dir``) the memory from the auxiliary set's batches the DataModule provides."""
+        train_samples = list(data.train_samples) if data is not None else []
         if not train_samples:
             if self.memory.built:  # test-only runs carry the memory in the checkpoint
                 return
             raise ValueError("EntroAD needs the auxiliary training set (data.train) to build its memory")
-        path, key = self.memory_path(train_samples, cache_dir, device)
+        mask_resize = str(data.mask_resize)
+        path, key = self.memory_path(train_samples, cache_dir, device, mask_resize)
         mem = M.load_cached(path, key)
         if mem is None:
             log.info("EntroAD: building the memory from %d auxiliary images → %s", len(train_samples), path)
+            loader = data.auxiliary_dataloader(int(self.cfg.memory_batch_size), int(self.cfg.memory_workers))
             mem = M.collect_memory(
-                self._memory_batches(train_samples),
+                tqdm(loader, desc="EntroAD memory", leave=False),
                 lambda x: self._encode_memory(x, device),
                 self.kernels,
                 float(self.cfg.mask_threshold),
@@ -193,23 +202,6 @@ class EntroAD(ZSADMethod):
         if set(mem.source_hash.tolist()) != expected:  # the memory holds the training set and nothing else
             raise RuntimeError(f"EntroAD memory at {path} does not match the auxiliary samples; delete it")
         self.memory.set(mem)
-
-    def _memory_batches(self, samples: list[Sample]):  # noqa: ANN202 — an iterable of Batch
-        from torch.utils.data import DataLoader
-        from tqdm import tqdm
-
-        from data_modules.dataset import ZSADDataset, collate
-
-        ds = ZSADDataset(samples, self.input_size, self.mean, self.std, self.interpolation, with_masks=True)
-        loader = DataLoader(
-            ds,
-            batch_size=int(self.cfg.memory_batch_size),
-            shuffle=False,
-            collate_fn=collate,
-            num_workers=int(self.cfg.memory_workers),
-            pin_memory=torch.cuda.is_available(),
-        )
-        return tqdm(loader, desc="EntroAD memory", leave=False)
 
     @torch.no_grad()
     def _encode_memory(self, images: Tensor, device: torch.device) -> tuple[Tensor, Tensor, tuple[int, int]]:
