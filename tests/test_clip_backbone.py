@@ -13,6 +13,7 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 
 from zsad.backbones.clip import (
+    PRESETS,
     TINY_CONFIG,
     CLIPBackbone,
     CLIPText,
@@ -381,6 +382,23 @@ def test_torchscript_archive_loads(reference, tmp_path):
         assert torch.equal(value, ref_state["visual." + key]), key
     for key, value in bb.text.tower.state_dict().items():
         assert torch.equal(value, ref_state[key]), key
+
+
+@pytest.mark.parametrize("name", ["tiny", "toy"])
+def test_random_towers_are_open_clips_own(name):
+    """The towers are open_clip's public classes with the arguments of its own builder: seeded, build_clip's random
+    weights are open_clip.CLIP's key for key (vision, then text, in open_clip's order), and so is the module tree."""
+    torch.manual_seed(0)
+    ref = open_clip.CLIP(**PRESETS[name])
+    torch.manual_seed(0)
+    bb = build_clip(name)
+    ref_state = ref.state_dict()
+    for key, value in bb.visual.vit.state_dict().items():
+        assert torch.equal(value, ref_state["visual." + key]), key
+    for key, value in bb.text.tower.state_dict().items():
+        assert torch.equal(value, ref_state[key]), key
+    assert repr(bb.visual.vit) == repr(ref.visual)
+    assert repr(bb.text.tower.transformer) == repr(ref.transformer)
 
 
 def test_weight_errors_name_the_config_key(tmp_path, reference):

@@ -64,9 +64,6 @@ ALLOWED: dict[tuple[str, str], str] = {
     # config → registry → config: the method schema is chosen by name (issue 15 item 1: one registry entry per
     # method, read without config.py importing the methods package).
     ("zsad.config", "zsad.methods.registry"): "issue 15 item 1",
-    # The prompt learner is typed against the CLIP text tower (a TYPE_CHECKING import; issue 15 item 4: the
-    # backbone protocol in backbones/base.py, which prompts may see as a type).
-    ("zsad.prompts.learnable", "zsad.backbones.clip"): "issue 15 item 4",
     # toy_overrides resolves the toy weight files of `zsad pretrain` (issue 15 item 1: the registry declares the
     # overrides, the bench/pretrain layer that calls it fills in the paths).
     ("zsad.methods.registry", "zsad.pretrain.cache"): "issue 15 item 1",

@@ -9,15 +9,30 @@ sets (and of all images, with a bias) in one text-encoder call.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from zsad.backbones.clip import CLIPText
-
 DEFAULT_TEMPLATES: tuple[str, str] = ("object.", "damaged object.")
+
+
+class PromptTextTower(Protocol):
+    """What the learner needs from a frozen text tower (``zsad.backbones.clip.CLIPText`` implements it)."""
+
+    width: int
+    n_layers: int
+    context_length: int
+
+    def tokenize(self, texts: str | Sequence[str]) -> Tensor:
+        """[P, context_length] token ids on the tower's device."""
+        ...
+
+    def token_embedding(self, tokens: Tensor) -> Tensor: ...
+
+    def encode_embeddings(
+        self, embeds: Tensor, eot_index: Tensor, deep_prompts: Tensor | None = None
+    ) -> Tensor: ...
 
 
 class PromptLearner(nn.Module):
@@ -48,7 +63,7 @@ class PromptLearner(nn.Module):
 
     def __init__(
         self,
-        text: CLIPText,
+        text: PromptTextTower,
         *,
         n_sets: int = 1,
         n_ctx: int = 12,
@@ -80,21 +95,22 @@ class PromptLearner(nn.Module):
             nn.init.normal_(self.deep, std=init_std)
         # "X" is one BPE token, so the placeholders occupy exactly positions 1..n_ctx.
         prompts = [" ".join(["X"] * n_ctx) + " " + t for t in self.templates]
-        tokens = text.tokenize(prompts).cpu()
+        on_device = text.tokenize(prompts)
+        tokens = on_device.cpu()
         eot = tokens.argmax(dim=-1)
         if int(eot.min()) <= n_ctx + 1 or int(tokens[:, -1].max()) != 0:
             raise ValueError(
                 f"prompt templates {list(self.templates)} do not fit {text.context_length} tokens"
             )
         with torch.no_grad():
-            emb = text.token_embedding(tokens.to(text.tower.token_embedding.weight.device)).detach().cpu()
+            emb = text.token_embedding(on_device).detach().cpu()
         # Fixed parts are derived from the frozen tower: not saved, rebuilt with the learner.
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("eot_index", eot, persistent=False)
         self.register_buffer("prefix", emb[:, :1].clone(), persistent=False)  # [2, 1, W] SOS
         self.register_buffer("suffix", emb[:, 1 + n_ctx :].clone(), persistent=False)  # [2, L-1-n_ctx, W]
 
-    def forward(self, text: CLIPText, bias: Tensor | None = None) -> Tensor:
+    def forward(self, text: PromptTextTower, bias: Tensor | None = None) -> Tensor:
         """Normalised text features of every prompt, from one text-encoder call.
 
         Args:

@@ -202,15 +202,17 @@ def _decide_quick_gelu(
     return from_cfg
 
 
-def _act_norm(cfg: Any, quick_gelu: bool) -> tuple[Any, Any]:
-    """Activation and norm layers of a tower as open_clip's builder picks them for float32 towers."""
+def _block_args(cfg: Any, quick_gelu: bool) -> dict[str, Any]:
+    """The block arguments both towers take, with the activation and norm open_clip's builder picks for float32."""
     act_layer: Any = QuickGELU if quick_gelu else nn.GELU
     norm_layer: Any = LayerNorm
     if cfg.norm_kwargs:
         norm_layer = partial(norm_layer, **cfg.norm_kwargs)
     if cfg.act_kwargs is not None:
         act_layer = partial(act_layer, **cfg.act_kwargs)
-    return act_layer, norm_layer
+    names = ("mlp_ratio", "ls_init_value", "output_tokens", "block_type", "qk_norm", "scaled_cosine_attn")
+    names += ("scale_heads", "scale_attn_inner", "scale_attn", "scale_fc")
+    return {"act_layer": act_layer, "norm_layer": norm_layer, **{n: getattr(cfg, n) for n in names}}
 
 
 # The towers are open_clip's public transformer classes, built from the public config dataclasses with the
@@ -219,15 +221,12 @@ def _act_norm(cfg: Any, quick_gelu: bool) -> tuple[Any, Any]:
 # keys, same initialisation order. ``open_clip.create_model`` would build both towers and the logit scale.
 def _vision_tower(embed_dim: int, vision_cfg: dict[str, Any], quick_gelu: bool) -> VisionTransformer:
     c = open_clip.CLIPVisionCfg(**vision_cfg)
-    act_layer, norm_layer = _act_norm(c, quick_gelu)
     return VisionTransformer(
         image_size=c.image_size,
         patch_size=c.patch_size,
         width=c.width,
         layers=c.layers,
         heads=c.width // c.head_width,
-        mlp_ratio=c.mlp_ratio,
-        ls_init_value=c.ls_init_value,
         patch_dropout=c.patch_dropout,
         attentional_pool=c.attentional_pool,
         attn_pooler_queries=c.attn_pooler_queries,
@@ -236,31 +235,19 @@ def _vision_tower(embed_dim: int, vision_cfg: dict[str, Any], quick_gelu: bool) 
         no_ln_pre=c.no_ln_pre,
         final_ln_after_pool=c.final_ln_after_pool,
         pool_type=c.pool_type,
-        output_tokens=c.output_tokens,
         output_dim=embed_dim,
-        act_layer=act_layer,
-        norm_layer=norm_layer,
-        block_type=c.block_type,
-        qk_norm=c.qk_norm,
-        scaled_cosine_attn=c.scaled_cosine_attn,
-        scale_heads=c.scale_heads,
-        scale_attn_inner=c.scale_attn_inner,
-        scale_attn=c.scale_attn,
-        scale_fc=c.scale_fc,
+        **_block_args(c, quick_gelu),
     )
 
 
 def _text_tower(embed_dim: int, text_cfg: dict[str, Any], quick_gelu: bool) -> TextTransformer:
     c = open_clip.CLIPTextCfg(**text_cfg)
-    act_layer, norm_layer = _act_norm(c, quick_gelu)
     return TextTransformer(
         context_length=c.context_length,
         vocab_size=c.vocab_size,
         width=c.width,
         heads=c.heads,
         layers=c.layers,
-        mlp_ratio=c.mlp_ratio,
-        ls_init_value=c.ls_init_value,
         output_dim=embed_dim,
         embed_cls=c.embed_cls,
         no_causal_mask=c.no_causal_mask,
@@ -269,14 +256,5 @@ def _text_tower(embed_dim: int, text_cfg: dict[str, Any], quick_gelu: bool) -> T
         pool_type=c.pool_type,
         proj_type=c.proj_type,
         proj_bias=c.proj_bias,
-        output_tokens=c.output_tokens,
-        act_layer=act_layer,
-        norm_layer=norm_layer,
-        block_type=c.block_type,
-        qk_norm=c.qk_norm,
-        scaled_cosine_attn=c.scaled_cosine_attn,
-        scale_heads=c.scale_heads,
-        scale_attn_inner=c.scale_attn_inner,
-        scale_attn=c.scale_attn,
-        scale_fc=c.scale_fc,
+        **_block_args(c, quick_gelu),
     )
