@@ -13,16 +13,13 @@ from torch import nn
 
 
 def vision_module(model: nn.Module) -> nn.Module:
-    """The frozen vision tower of a method (CLIP ``clip.visual`` or AVA-DINO's ``vision``)."""
-    clip = getattr(model, "clip", None)
-    if clip is not None and getattr(clip, "visual", None) is not None:
-        return clip.visual
-    vision = getattr(model, "vision", None)
-    if isinstance(vision, nn.Module):
-        return vision
-    raise ValueError(
-        f"{type(model).__name__}: no frozen vision tower found (expected .clip.visual or .vision)"
-    )
+    """The frozen vision tower of a method: its ``vision_backbone`` (``zsad.methods.base.ZSADMethod``)."""
+    vision = getattr(model, "vision_backbone", None)
+    if not isinstance(vision, nn.Module):
+        raise ValueError(
+            f"{type(model).__name__}: no frozen vision backbone (ZSADMethod.vision_backbone is None)"
+        )
+    return vision
 
 
 def patch_conv(model: nn.Module) -> nn.Conv2d:
