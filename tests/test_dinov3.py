@@ -300,3 +300,31 @@ def test_tag_offline_is_one_clear_weights_error(monkeypatch, tmp_path):
     with pytest.raises(WeightsError, match="method.vision.pretrained") as info:
         build_dinov3("vit_small_patch16_dinov3", "lvd1689m")
     assert "offline" in str(info.value)
+
+
+def test_both_backbones_implement_the_protocol(tiny):
+    """CLIPVision and DINOv3Backbone are ``Backbone``s: identity, preprocessing, patch size, forward(images, taps)."""
+    from zsad.backbones.base import CLIP_MEAN, IMAGENET_MEAN, Backbone, VisionFeatures
+    from zsad.backbones.clip import build_clip
+
+    clip = build_clip("tiny", image_size=56, text=False).visual
+    for bb, mean, interp, size in ((tiny, IMAGENET_MEAN, "bilinear", 64), (clip, CLIP_MEAN, "bicubic", 56)):
+        assert isinstance(bb, Backbone)
+        assert bb.mean == mean and bb.interpolation == interp and bb.identity()["pretrained"] == "none"
+        feats = bb(_images(size, size), (1, 4))
+        assert isinstance(feats, VisionFeatures) and len(feats.patch_tokens) == 2
+        assert feats.grid == (size // bb.patch_size, size // bb.patch_size)
+
+
+def test_clip_and_dinov3_resolve_weights_alike(tmp_path):
+    """One resolution of ``pretrained`` (none | tag | file): the same errors, naming the key, for both families."""
+    from zsad.backbones.clip import build_clip
+
+    for build in (build_dinov3, build_clip):
+        with pytest.raises(WeightsError, match=r"^my\.key: weight file not found: '.*absent\.pth'"):
+            build("tiny", str(tmp_path / "absent.pth"), config_key="my.key")
+        with pytest.raises(
+            WeightsError, match=r"^my\.key: 'laion' is neither a known \w+ tag for tiny \(the tiny"
+        ):
+            build("tiny", "laion", config_key="my.key")
+        assert build("tiny", "None").identity()  # 'none' in any case is random weights

@@ -186,7 +186,7 @@ class CLIPVision(nn.Module):
         images: Tensor,
         taps: Sequence[int] = (6, 12, 18, 24),
         *,
-        dpam_start: int | None = 6,
+        dpam_start: int | None = None,
         attn_taps: bool = False,
         pre_proj: bool = False,
         vv_mlp: VVMlp | None = None,
@@ -197,8 +197,9 @@ class CLIPVision(nn.Module):
         Args:
             images: [B, 3, H, W] CLIP-normalised, H and W multiples of ``patch_size``.
             taps: 1-based block indices; the output lists follow this order.
-            dpam_start: first block (1-based) that runs the V-V path; ``None`` is plain CLIP (taps read the
-                original path). Before ``dpam_start`` the V-V path equals the original path.
+            dpam_start: first block (1-based) that runs the V-V path; ``None`` (the default: what a plain
+                ``Backbone`` call gets) is plain CLIP, taps read the original path. Before ``dpam_start`` the V-V
+                path equals the original path.
             attn_taps: also return the original-path attention probabilities [B, heads, 1+N, 1+N] (float32) of
                 the tapped blocks (materialised only there).
             attn_reduce: ``"none"`` keeps every head's probabilities; ``"mean_heads"`` returns their mean over heads
