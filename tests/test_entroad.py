@@ -187,6 +187,22 @@ def test_memory_cache_is_reused_and_invalidated(data, tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("entroad_memory_*.pt"))) == 4
 
 
+def test_memory_comes_from_the_data_modules_batches(data, tmp_path, monkeypatch):
+    """The memory pass reads the DataModule's auxiliary loader (with the memory's batch size and workers); its mask
+    rule (data.mask_resize) is part of the cache key, the default leaving the key as it was."""
+    model, cpu = _model(), torch.device("cpu")
+    aux = _aux(data["train"], model)
+    asked = []
+    original = aux.auxiliary_dataloader
+    monkeypatch.setattr(aux, "auxiliary_dataloader", lambda *a: asked.append(a) or original(*a))
+    model.prepare(aux, tmp_path, cpu)
+    assert asked == [(4, 0)] and model.memory.image_keys.shape[0] == len(data["train"])
+    keys = {rule: model.memory_path(data["train"], tmp_path, cpu, rule)[1] for rule in ("float", "uint8")}
+    assert keys["float"] != keys["uint8"]
+    assert "mask_resize" not in model.memory_settings(cpu)
+    assert model.memory_settings(cpu, "uint8")["mask_resize"] == "uint8"
+
+
 def test_memory_travels_in_the_checkpoint(built, data):
     model, _ = built
     fresh = _model()
