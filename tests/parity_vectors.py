@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "testvectors" / "parity"
 ENV = "ZSAD_PARITY_VECTORS"
 
-_DTYPES = {"float16": torch.float16, "float32": torch.float32, "int64": torch.int64, "bfloat16": torch.bfloat16}
+_DTYPES = {
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int64": torch.int64,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def vectors_root() -> Path:
