@@ -17,7 +17,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture
 def dummy_method(monkeypatch):
     """Register ``dummy`` (tests/_dummy_method.py) in the method registry for framework tests."""
-    from zsad.methods import registry
+    from zsad import registry
 
     monkeypatch.setitem(
         registry.REGISTRY,

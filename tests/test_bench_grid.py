@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 import zsad.run
 from zsad import config as C
+from zsad import registry
 from zsad.bench import grid
 from zsad.config import ConfigError, MethodConfig
-from zsad.methods import registry
 from zsad.results.leaderboard import write_leaderboard
 from zsad.results.schema import METRIC_KEYS
 

@@ -153,7 +153,7 @@ def test_bad_option_value_is_a_config_error_naming_key_and_choices(method, key, 
 def test_method_yamls_only_select_the_method():
     """The paper defaults live in the dataclasses: a method YAML holds nothing but ``method.name``."""
     from zsad.config import EXPERIMENTS
-    from zsad.methods.registry import REGISTRY
+    from zsad.registry import REGISTRY
 
     for name in REGISTRY:
         assert OmegaConf.to_container(OmegaConf.load(EXPERIMENTS / "methods" / f"{name}.yaml")) == {

@@ -11,7 +11,7 @@ import torch
 from zsad.cli import main
 from zsad.config import compose
 from zsad.convert import CONVERTERS, ConversionError, anomalyclip, default_layers
-from zsad.methods.registry import tiny_overrides
+from zsad.registry import tiny_overrides
 
 
 @pytest.fixture(scope="module")

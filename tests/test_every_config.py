@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from zsad.config import EXPERIMENTS, compose
-from zsad.methods.registry import REGISTRY, tiny_overrides
+from zsad.registry import REGISTRY, tiny_overrides
 
 METHOD_FILES = sorted((EXPERIMENTS / "methods").glob("*.yaml"))
 ABLATION_FILES = sorted((EXPERIMENTS / "ablations").glob("*.yaml"))

@@ -284,8 +284,8 @@ def test_mpama_expert_shares_reach_metrics_json_at_test_time(tmp_path):
     from tests_support import batch_of
 
     from zsad.config import EXPERIMENTS, compose
-    from zsad.methods.registry import tiny_overrides
     from zsad.module import ZSADModule
+    from zsad.registry import tiny_overrides
 
     cfg = compose(
         [EXPERIMENTS / "methods" / "mpama.yaml"],

@@ -8,7 +8,7 @@ import torch
 from tests_support import batch_of
 
 from zsad.config import EXPERIMENTS, compose
-from zsad.methods.registry import REGISTRY, build_method, tiny_overrides
+from zsad.registry import REGISTRY, build_method, tiny_overrides
 
 pytestmark = pytest.mark.gpu
 

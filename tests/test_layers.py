@@ -28,6 +28,8 @@ LAYERS: dict[str, int] = {
     "zsad": 0,  # the package face: __version__
     "zsad.types": 0,
     "zsad.config": 0,
+    "zsad.errors": 0,
+    "zsad.registry": 0,  # method name → config/model class paths (plain data; classes imported by name on use)
     "zsad.versions": 0,
     "zsad.dist": 0,
     "zsad.results": 0,
@@ -60,14 +62,7 @@ LAYERS: dict[str, int] = {
 }
 
 # Today's upward imports, (importer, imported) → why it is allowed and what removes it. Only shrinks.
-ALLOWED: dict[tuple[str, str], str] = {
-    # config → registry → config: the method schema is chosen by name (issue 15 item 1: one registry entry per
-    # method, read without config.py importing the methods package).
-    ("zsad.config", "zsad.methods.registry"): "issue 15 item 1",
-    # toy_overrides resolves the toy weight files of `zsad pretrain` (issue 15 item 1: the registry declares the
-    # overrides, the bench/pretrain layer that calls it fills in the paths).
-    ("zsad.methods.registry", "zsad.pretrain.cache"): "issue 15 item 1",
-}
+ALLOWED: dict[tuple[str, str], str] = {}  # none today (issue 15 removed the last two)
 
 
 def module_name(path: Path) -> str:
@@ -191,3 +186,46 @@ if __name__ == "__main__":
     print()
     for src, dst, why in violations():
         print(f"VIOLATION {src} -> {dst}: {why}{'  (allowed)' if (src, dst) in ALLOWED else ''}")
+
+
+def import_cycles() -> list[list[str]]:
+    """Strongly connected groups of ≥ 2 modules in the import graph (lazy imports count: they only hide a cycle)."""
+    graph: dict[str, set[str]] = {}
+    for src, dst in edges():
+        if src != dst:
+            graph.setdefault(src, set()).add(dst)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return groups
+
+
+def test_no_import_cycles() -> None:
+    assert import_cycles() == []

@@ -16,7 +16,7 @@ from zsad.methods.mpama import (
     NoisyTopKRouter,
     TokenMoE,
 )
-from zsad.methods.registry import build_method
+from zsad.registry import build_method
 
 SIZE = 56  # 4 × 4 patches of 14 px
 TINY = dict(image_size=SIZE, taps=[2, 3, 4], dpam_start=2, smoothing_sigma=0.0)

@@ -39,7 +39,7 @@ from zsad.convert import anomalyclip as converter
 from zsad.losses import dice_loss, focal_loss
 from zsad.maps import upsample
 from zsad.methods.anomalyclip import AnomalyCLIP
-from zsad.methods.registry import build_method
+from zsad.registry import build_method
 
 pytestmark = pytest.mark.slow
 

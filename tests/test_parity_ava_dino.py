@@ -36,8 +36,8 @@ from zsad.config import EXPERIMENTS, compose
 from zsad.convert import ava_dino as converter
 from zsad.methods import ava_dino as ava_module
 from zsad.methods.ava_dino import AvaDino, _to_maps, stack_prompts, standardise
-from zsad.methods.registry import build_method
 from zsad.prompts.ensemble import NORMAL_STATES, TEMPLATES, state_sentences
+from zsad.registry import build_method
 from zsad.run import build_datamodule
 
 pytestmark = pytest.mark.slow

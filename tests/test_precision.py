@@ -52,7 +52,7 @@ def test_bf16_autocast_maps_agree_with_fp32(method):
 def test_ava_dino_bf16_vision_weights_agree_with_fp32():
     """vision_bf16 stores DINOv3 in bf16: maps stay float32 and rank pixels like the fp32 model."""
     from zsad.config import EXPERIMENTS, compose
-    from zsad.methods.registry import build_method, tiny_overrides
+    from zsad.registry import build_method, tiny_overrides
 
     over = [*tiny_overrides("ava_dino"), "method.image_size=64"]
     torch.manual_seed(0)

@@ -181,7 +181,7 @@ def test_random_memory_lets_entroad_run_without_a_build():
 
     from zsad.bench.throughput import fill_random_memory
     from zsad.config import EXPERIMENTS, compose
-    from zsad.methods.registry import build_method, tiny_overrides
+    from zsad.registry import build_method, tiny_overrides
 
     cfg = compose(
         [EXPERIMENTS / "methods" / "entroad.yaml"], [*tiny_overrides("entroad"), "method.image_size=112"]

@@ -15,7 +15,7 @@ SWEEPS = sorted((EXPERIMENTS / "sweeps").glob("*.yaml"))
 
 
 def test_every_method_has_a_sweep():
-    from zsad.methods.registry import REGISTRY
+    from zsad.registry import REGISTRY
 
     assert {p.stem for p in SWEEPS} == set(REGISTRY)
 

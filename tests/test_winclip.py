@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from data_modules.types import Batch
 from zsad.config import compose
 from zsad.maps import gaussian_blur, upsample
-from zsad.methods.registry import build_method
 from zsad.methods.winclip import harmonic_map, window_index
+from zsad.registry import build_method
 
 
 def _model(image_size: int = 56, **over: object):

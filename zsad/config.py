@@ -5,7 +5,7 @@
 1. every YAML layer (paths) and every override is read in order; an override ``group=name`` whose group is one of
    ``method``, ``data``, ``protocol``, ``trainer`` and whose value names a file ``experiments/<group>s/<name>.yaml``
    (``protocol`` → ``experiments/protocols``, ``data`` → ``experiments/data``) loads that file as a layer in place;
-2. the method's schema is chosen from ``method.name`` (see ``zsad.methods.registry``);
+2. the method's schema is chosen from ``method.name`` (see ``zsad.registry``);
 3. every layer is merged into the typed schema, so an unknown key, a value of the wrong type or an option outside
    its ``Literal[...]`` choices stops with a ``ConfigError`` that names the full key (and the allowed values).
 
@@ -25,13 +25,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data_modules.types import ClassNameSource, MaskResizeRule
+from zsad.errors import ConfigError  # noqa: F401 — re-exported: zsad.config.ConfigError is the public name
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 GROUP_DIRS = {"method": "methods", "data": "data", "protocol": "protocols", "trainer": "trainer"}
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key or file at fault."""
 
 
 # Option fields are Literal types: OmegaConf checks them when a layer is merged, so a bad value is a ConfigError at
@@ -238,7 +235,7 @@ def compose(layers: list[str | Path] = (), overrides: list[str] = ()) -> DictCon
     Raises:
         ConfigError: a missing file, an unknown key, a wrong type, or a missing method name.
     """
-    from zsad.methods.registry import method_schema
+    from zsad.registry import method_schema
 
     raw = read_layers(list(layers), list(overrides))
     merged = OmegaConf.merge(*raw) if raw else OmegaConf.create()

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_modules.types import Batch
 from zsad.dist import destroy_process_group_at_exit
 from zsad.methods.base import AuxiliaryData, ZSADMethod, build_optimizer
-from zsad.methods.registry import build_method
+from zsad.registry import build_method
 from zsad.types import AnomalyOutput, ExtraSpec
 
 

@@ -12,9 +12,9 @@ Bench spec (``experiments/bench/*.yaml``)::
       - name: ava_dino                   # row label (unique)
         config: experiments/methods/ava_dino.yaml   # the method's YAML layer
         tiny: true                       # optional: the tiny random-weight backbone presets
-                                         # (zsad.methods.registry.tiny_overrides), before `overrides`
+                                         # (zsad.registry.tiny_overrides), before `overrides`
         toy: true                        # optional: instead, the toy-pretrained backbones of `zsad pretrain`
-                                         # (zsad.methods.registry.toy_overrides); built before the first run
+                                         # (zsad.pretrain.cache.toy_overrides); built before the first run
         overrides: [method.image_size=112]          # key=value for this method only
     protocols: [synthetic]               # each loads experiments/protocols/<p>.yaml (override protocol=<p>)
     seeds: [0]
@@ -221,11 +221,11 @@ def _method_entry(m: Any, path: Path, i: int) -> MethodEntry:
     if m.get("tiny") and m.get("toy"):
         raise ConfigError(f"{where}: 'tiny' (random weights) and 'toy' (toy-pretrained) exclude each other")
     if m.get("tiny"):
-        from zsad.methods.registry import tiny_overrides
+        from zsad.registry import tiny_overrides
 
         over = [*tiny_overrides(str(load_yaml(config).method.name)), *over]
     if m.get("toy"):
-        from zsad.methods.registry import toy_overrides
+        from zsad.pretrain.cache import toy_overrides
 
         over = [*toy_overrides(str(load_yaml(config).method.name)), *over]
     return MethodEntry(str(m["name"]), config, tuple(str(o) for o in over))
@@ -247,7 +247,7 @@ def ablation_files(folder: Path, methods: list[str]) -> dict[str, list[Path]]:
     Raises:
         ConfigError: a file that names an unknown method, or none and whose name starts with no known method.
     """
-    from zsad.methods.registry import REGISTRY
+    from zsad.registry import REGISTRY
 
     out: dict[str, list[Path]] = {m: [] for m in methods}
     for f in sorted(folder.glob("*.yaml")):

@@ -39,7 +39,7 @@ from zsad.bench.instruments import (
     with_backoff,
 )
 from zsad.bench.loading import measure_loading
-from zsad.methods.registry import REGISTRY
+from zsad.registry import REGISTRY
 from zsad.results.throughput import check_targets as judge_targets
 from zsad.results.throughput import to_markdown
 from zsad.versions import versions
@@ -104,7 +104,7 @@ def bench_overrides(method: str, tiny: bool, image_size: int | None) -> list[str
 def build_model(method: str, tiny: bool, image_size: int | None, ablation: str | None = None):  # noqa: ANN201
     """The method at its paper configuration with random weights (or its tiny preset)."""
     from zsad.config import EXPERIMENTS, compose
-    from zsad.methods.registry import build_method
+    from zsad.registry import build_method
 
     layers = [EXPERIMENTS / "methods" / f"{method}.yaml"]
     if ablation:

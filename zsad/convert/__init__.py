@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from zsad.config import EXPERIMENTS, ConfigError, compose
-from zsad.methods.registry import REGISTRY
+from zsad.registry import REGISTRY
 
 # method name → module with read_official / to_zsad / to_official (the registry entries' converter)
 CONVERTERS: dict[str, str] = {name: e.converter for name, e in REGISTRY.items() if e.converter}

@@ -91,3 +91,20 @@ def referenced(values: list[Any], folder: str | Path | None = None) -> bool:
         return isinstance(v, str) and v in paths
 
     return walk(values)
+
+
+def toy_overrides(name: str, folder: str | Path | None = None) -> list[str]:
+    """Overrides that load a method's backbones from the toy weights of ``zsad pretrain`` (the default bench).
+
+    The registry entry says which backbone loads which toy file (the toy CLIP has its own architecture preset,
+    ``toy``: the tiny recipe at a native 112² input; the toy DINOv3 the tiny preset's); this fills in the paths. Both
+    come in through ``pretrained=FILE``, exactly as real weights do. The files need not exist yet: ``zsad bench``
+    builds them before the first run that names them (``zsad pretrain`` builds them explicitly).
+
+    Args:
+        name: method name.
+        folder: toy-weight folder (default: :func:`cache_dir`).
+    """
+    from zsad.registry import entry
+
+    return entry(name).toy_overrides(toy_paths(folder))

@@ -59,7 +59,7 @@ def probe_clip(
     """WinCLIP zero-shot with the toy CLIP (``none``: random weights): {dataset: (image AUROC, pixel AUROC)} in %."""
     from data_modules.types import Batch
     from zsad.config import compose
-    from zsad.methods.registry import build_method
+    from zsad.registry import build_method
 
     cfg = compose(
         ["experiments/methods/winclip.yaml"],

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from zsad.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Backbone:
@@ -139,8 +141,6 @@ REGISTRY: dict[str, MethodEntry] = {
 
 def entry(name: str) -> MethodEntry:
     """The registry entry of ``name``; an unknown name is a ConfigError listing the known ones."""
-    from zsad.config import ConfigError
-
     if name not in REGISTRY:
         raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name]
@@ -164,22 +164,3 @@ def build_method(cfg):  # noqa: ANN001, ANN201 — cfg is the method's DictConfi
 def tiny_overrides(name: str) -> list[str]:
     """Overrides that swap a method's backbones for the tiny random-weight presets (tests, CPU demo, CI)."""
     return REGISTRY[name].tiny_overrides()
-
-
-def toy_overrides(name: str, folder: str | None = None) -> list[str]:
-    """Overrides that load a method's backbones from the toy weights of ``zsad pretrain`` (the default bench).
-
-    The toy CLIP has its own architecture preset (``toy``: the tiny recipe at a native 112² input); the toy DINOv3
-    has the tiny preset's. Both come in through ``pretrained=FILE``, exactly as real weights do. The files need not
-    exist yet: ``zsad bench`` builds them before the first run that names them (``zsad pretrain`` builds them
-    explicitly).
-
-    Args:
-        name: method name.
-        folder: toy-weight folder (default: ``zsad.pretrain.cache.cache_dir()``).
-    """
-    from zsad.pretrain.cache import toy_paths
-
-    if name not in REGISTRY:
-        raise KeyError(f"no toy preset for method {name!r}; known: {sorted(REGISTRY)}")
-    return REGISTRY[name].toy_overrides(toy_paths(folder))
