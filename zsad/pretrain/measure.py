@@ -6,7 +6,8 @@ the pretraining recipes were compared (README, toy section):
 * ``clip``: WinCLIP zero-shot (the ``winclip`` method, fixed prompt ensemble on windows) — image and pixel AUROC;
 * ``dino``: per-image patch outlierness of the DINOv3 tokens — every patch token of a tap is standardised per image
   and channel over the image's patches (as AVA-DINO does) and scored by its norm; pixel AUROC of the upsampled map,
-  image AUROC of its maximum. No text, no training: a backbone whose patch tokens single out the defect scores high.
+  image AUROC of its maximum. No text, no training: a backbone whose patch tokens single out the defect scores high;
+* ``token_uniformity``: how alike the CLIP's V-V patch tokens (what the AnomalyCLIP family reads) are within an image.
 
 ``python -m zsad.pretrain.measure [--toy-dir DIR] [--clip FILE] [--dino FILE] [--n-test 40] [--controls]`` prints
 both, per domain (mean over categories); ``--controls`` adds the same probes on random weights.
@@ -65,6 +66,7 @@ def probe_clip(
         ["experiments/methods/winclip.yaml"],
         ["method.clip.name=toy", f"method.clip.pretrained={clip_file}", f"method.image_size={image_size}"],
     )
+    torch.manual_seed(0)  # random weights ("none") are the same on every call
     model = build_method(cfg.method).eval()
     out = {}
     for dataset in domains:
@@ -96,6 +98,7 @@ def probe_dino(
     from zsad.backbones.dinov3 import build_dinov3
     from zsad.methods.ava_dino import standardise
 
+    torch.manual_seed(0)  # random weights ("none") are the same on every call
     backbone = build_dinov3("tiny", str(dino_file), image_size=image_size)
     out = {}
     for dataset in domains:
@@ -111,6 +114,37 @@ def probe_dino(
             maps = z.view(-1, *feats.grid)
             res.append(score(maps, maps.flatten(1).amax(1), labels, masks))
         out[dataset] = tuple(100 * float(np.mean(x)) for x in zip(*res))
+    return out
+
+
+def mean_pairwise_cosine(tokens: torch.Tensor) -> torch.Tensor:
+    """[B]: the mean cosine between distinct patch tokens of each image (tokens [B, N, D]); 1 = all patches alike."""
+    t = torch.nn.functional.normalize(tokens.float(), dim=-1)
+    n = t.shape[1]
+    sim = t @ t.transpose(1, 2)
+    return (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
+
+
+def token_uniformity(
+    clip_file: str | Path, root: Path, image_size: int = 112, dpam_start: int | None = 1
+) -> dict[str, float]:
+    """How alike the CLIP's last-tap patch tokens are within an image: {dataset: mean pairwise cosine}.
+
+    The AnomalyCLIP family reads these tokens (the V-V path from ``dpam_start``; ``None``: the plain path): when they
+    are all alike, a map drawn from them cannot single out a patch.
+    """
+    from zsad.backbones.clip import build_clip
+
+    torch.manual_seed(0)  # random weights ("none") are the same on every call
+    vision = build_clip("toy", str(clip_file), image_size=image_size).eval().visual
+    out = {}
+    for dataset in DOMAINS:
+        values = []
+        for _, _, imgs, _, _ in _categories(root, dataset, image_size, vision.mean, vision.std):
+            with torch.no_grad():
+                feats = vision(imgs, (len(vision.blocks),), dpam_start=dpam_start)
+            values.append(mean_pairwise_cosine(feats.patch_tokens[-1]))
+        out[dataset] = float(torch.cat(values).mean())
     return out
 
 
@@ -138,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(("dinov3 patch outlierness", probe_dino(args.dino or paths["dino"], root)))
         if args.controls:
             rows.append(("  same, random weights", probe_dino("none", root)))
+    if args.clip != "skip":
+        for what, file in (("toy", args.clip or paths["clip"]), ("random", "none"))[
+            : 2 if args.controls else 1
+        ]:
+            cells = "  ".join(f"{d}: {v:.3f}" for d, v in token_uniformity(file, root).items())
+            print(f"clip V-V token cosine ({what}) {cells}")
     for what, res in rows:
         cells = "  ".join(f"{d}: I {i:.1f} P {px:.1f}" for d, (i, px) in res.items())
         print(f"{what:26s} {cells}")
