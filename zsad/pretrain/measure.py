@@ -27,7 +27,7 @@ from data_modules.imageio import load_image, load_mask
 from data_modules.readers import read
 from zsad.metrics.functional import auroc
 
-DOMAINS = ("synthetic_textures", "synthetic_objects")
+DOMAINS = tuple(synthetic.DOMAINS)  # synthetic_textures, synthetic_objects
 
 
 def _categories(root: Path, dataset: str, size: int, mean: tuple, std: tuple) -> Iterator[tuple]:
@@ -38,9 +38,9 @@ def _categories(root: Path, dataset: str, size: int, mean: tuple, std: tuple) ->
         imgs = torch.stack(
             [torch.from_numpy(np.array(load_image(s.image_path))).permute(2, 0, 1).float() / 255 for s in ss]
         )
+        h, w = imgs.shape[-2:]  # the images' own size, for the normal images' empty masks
         imgs = torch.nn.functional.interpolate(imgs, size=(size, size), mode="bicubic", align_corners=False)
         imgs = (imgs - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-        h, w = load_image(ss[0].image_path).shape[:2]
         masks = np.stack([load_mask(s.mask_path) if s.mask_path else np.zeros((h, w), bool) for s in ss])
         yield cat, ss[0].class_name, imgs, np.array([s.label for s in ss]), masks
 
@@ -163,21 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     paths = toy_paths(args.toy_dir)
     root = synthetic.ensure_synthetic(Path(args.data), n_test=args.n_test, show_progress=False)
-    rows = []
-    if args.clip != "skip":
-        rows.append(("clip winclip zero-shot", probe_clip(args.clip or paths["clip"], root)))
+    clip = None if args.clip == "skip" else args.clip or paths["clip"]
+    dino = None if args.dino == "skip" else args.dino or paths["dino"]
+    rows, cosines = [], []
+    if clip:
+        rows.append(("clip winclip zero-shot", probe_clip(clip, root)))
+        cosines.append(("toy", token_uniformity(clip, root)))
         if args.controls:
             rows.append(("  same, random weights", probe_clip("none", root)))
-    if args.dino != "skip":
-        rows.append(("dinov3 patch outlierness", probe_dino(args.dino or paths["dino"], root)))
+            cosines.append(("random", token_uniformity("none", root)))
+    if dino:
+        rows.append(("dinov3 patch outlierness", probe_dino(dino, root)))
         if args.controls:
             rows.append(("  same, random weights", probe_dino("none", root)))
-    if args.clip != "skip":
-        for what, file in (("toy", args.clip or paths["clip"]), ("random", "none"))[
-            : 2 if args.controls else 1
-        ]:
-            cells = "  ".join(f"{d}: {v:.3f}" for d, v in token_uniformity(file, root).items())
-            print(f"clip V-V token cosine ({what}) {cells}")
+    for what, res in cosines:
+        print(f"clip V-V token cosine ({what}) " + "  ".join(f"{d}: {v:.3f}" for d, v in res.items()))
     for what, res in rows:
         cells = "  ".join(f"{d}: I {i:.1f} P {px:.1f}" for d, (i, px) in res.items())
         print(f"{what:26s} {cells}")
