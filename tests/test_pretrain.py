@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow  # four miniature pretrainings (~1 min on 2 idle c
 
 MINI = PretrainSpec(
     per_category=2,
-    clip=ClipRecipe(steps=2, batch_size=8, keep_tokens=(16,), full_frac=0.5),
+    clip=ClipRecipe(steps=2, batch_size=8, keep_tokens=(16,), full_frac=0.5, dense_batch=4),
     dino=DinoRecipe(steps=2, batch_size=4, n_local=1, n_prototypes=64),
 )
 

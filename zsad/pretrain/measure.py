@@ -7,6 +7,8 @@ the pretraining recipes were compared (README, toy section):
 * ``dino``: per-image patch outlierness of the DINOv3 tokens — every patch token of a tap is standardised per image
   and channel over the image's patches (as AVA-DINO does) and scored by its norm; pixel AUROC of the upsampled map,
   image AUROC of its maximum. No text, no training: a backbone whose patch tokens single out the defect scores high;
+* ``vv``: zero-shot maps from the CLIP's V-V patch tokens and the fixed prompt ensemble (no windows, no training):
+  whether the patch tokens the AnomalyCLIP family reads carry the state words on categories never seen;
 * ``token_uniformity``: how alike the CLIP's V-V patch tokens (what the AnomalyCLIP family reads) are within an image.
 
 ``python -m zsad.pretrain.measure [--toy-dir DIR] [--clip FILE] [--dino FILE] [--n-test 40] [--controls]`` prints
@@ -117,6 +119,48 @@ def probe_dino(
     return out
 
 
+def probe_vv(
+    clip_file: str | Path,
+    root: Path,
+    image_size: int = 112,
+    taps: tuple[int, ...] = (1, 2, 3, 4),
+    domains: tuple[str, ...] = DOMAINS,
+    permute: Callable[[int], torch.Tensor] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Zero-shot maps from the CLIP's V-V patch tokens (what the AnomalyCLIP family reads; DPAM from block 1):
+    {dataset: (image AUROC, pixel AUROC)} in %.
+
+    Each tap's map is the softmax over (normal, anomalous) of the tokens' cosines × 100 with the fixed prompt
+    ensemble of the image's class name (``zsad.prompts``); the taps are averaged, the image score is the map's
+    maximum. No training: this is what a method's prompts could start from. ``permute(n)``: a control that
+    shuffles the patch positions of every tap.
+    """
+    from zsad.backbones.clip import build_clip
+    from zsad.prompts.ensemble import EnsembleTextCache
+
+    torch.manual_seed(0)  # random weights ("none") are the same on every call
+    clip = build_clip("toy", str(clip_file), image_size=image_size).eval()
+    prompts = EnsembleTextCache()
+    out = {}
+    for dataset in domains:
+        res = []
+        for _, name, imgs, labels, masks in _categories(
+            root, dataset, image_size, clip.visual.mean, clip.visual.std
+        ):
+            with torch.no_grad():
+                feats = clip.visual(imgs, taps, dpam_start=1)
+                text = prompts([name], clip.text, imgs.device)[0]  # [2, D]
+            tokens = feats.patch_tokens
+            if permute is not None:
+                perm = permute(tokens[0].shape[1])
+                tokens = [t[:, perm] for t in tokens]
+            probs = torch.stack([(100 * t @ text.t()).softmax(-1)[..., 1] for t in tokens]).mean(0)
+            maps = probs.view(-1, *feats.grid)
+            res.append(score(maps, maps.flatten(1).amax(1), labels, masks))
+        out[dataset] = tuple(100 * float(np.mean(x)) for x in zip(*res))
+    return out
+
+
 def mean_pairwise_cosine(tokens: torch.Tensor) -> torch.Tensor:
     """[B]: the mean cosine between distinct patch tokens of each image (tokens [B, N, D]); 1 = all patches alike."""
     t = torch.nn.functional.normalize(tokens.float(), dim=-1)
@@ -168,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, cosines = [], []
     if clip:
         rows.append(("clip winclip zero-shot", probe_clip(clip, root)))
+        rows.append(("clip V-V tokens zero-shot", probe_vv(clip, root)))
         cosines.append(("toy", token_uniformity(clip, root)))
         if args.controls:
             rows.append(("  same, random weights", probe_clip("none", root)))
+            rows.append(("  V-V, random weights", probe_vv("none", root)))
             cosines.append(("random", token_uniformity("none", root)))
     if dino:
         rows.append(("dinov3 patch outlierness", probe_dino(dino, root)))

@@ -38,7 +38,7 @@ OBJECTIVES = ("dino", "ibot", "dino+ibot")
 class DinoRecipe:
     """Everything that decides the toy DINOv3's weights besides the world (part of the cache manifest)."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 48
     objective: str = "dino"  # measured against ibot and dino+ibot: README, "Toy weights"
     lr: float = 1e-3
