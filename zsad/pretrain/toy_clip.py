@@ -17,7 +17,7 @@ patch tokens the methods read near-uniform (README, "The default leaderboard"): 
 (``dense_loss``, weight ``dense_weight``) classifies the V-V patch tokens of every block (the path the AnomalyCLIP
 family reads, from block 1 as in the toy presets) as normal or anomalous against the text of the two states, with
 per-patch labels from the defect masks. It is the toy stand-in for what a web-scale CLIP brings and a 4-block CLIP
-trained on 30 000 views does not: patch tokens that know the state words. Real CLIP weights are trained without it.
+trained on ~58 000 views does not by itself: patch tokens that know the state words. Real CLIP weights are trained without it.
 
 The vision forward used here is open_clip's ``VisionTransformer`` forward (conv1 → CLS + positional embedding →
 ``ln_pre`` → blocks → ``ln_post`` → ``proj``) with the token subset taken after the positional embedding.
