@@ -56,6 +56,21 @@ def score(
     return float(auroc(scores.numpy(), labels)), float(auroc(maps.flatten().numpy(), masks.reshape(-1)))
 
 
+def _mean_percent(res: list[tuple[float, float]]) -> tuple[float, float]:
+    """(image AUROC, pixel AUROC) of each category → their means over the categories, in %."""
+    return tuple(100 * float(np.mean(x)) for x in zip(*res))
+
+
+def _shuffled(
+    tokens: list[torch.Tensor], permute: Callable[[int], torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """Every tap's tokens [B, N, C] with the patch positions in the order ``permute(N)`` (a control), or as they are."""
+    if permute is None:
+        return tokens
+    perm = permute(tokens[0].shape[1])
+    return [t[:, perm] for t in tokens]
+
+
 def probe_clip(
     clip_file: str | Path, root: Path, image_size: int = 112, domains: tuple[str, ...] = DOMAINS
 ) -> dict[str, tuple[float, float]]:
@@ -81,7 +96,7 @@ def probe_clip(
             with torch.no_grad():
                 o = model(imgs, batch)
             res.append(score(o.anomaly_map, o.image_score, labels, masks))
-        out[dataset] = tuple(100 * float(np.mean(x)) for x in zip(*res))
+        out[dataset] = _mean_percent(res)
     return out
 
 
@@ -108,14 +123,11 @@ def probe_dino(
         for _, _, imgs, labels, masks in _categories(root, dataset, image_size, backbone.mean, backbone.std):
             with torch.no_grad():
                 feats = backbone(imgs, taps=taps)
-            tokens = feats.patch_tokens
-            if permute is not None:
-                perm = permute(tokens[0].shape[1])
-                tokens = [t[:, perm] for t in tokens]
+            tokens = _shuffled(feats.patch_tokens, permute)
             z = torch.stack([standardise(t).norm(dim=-1) for t in tokens]).mean(0)
             maps = z.view(-1, *feats.grid)
             res.append(score(maps, maps.flatten(1).amax(1), labels, masks))
-        out[dataset] = tuple(100 * float(np.mean(x)) for x in zip(*res))
+        out[dataset] = _mean_percent(res)
     return out
 
 
@@ -150,14 +162,11 @@ def probe_vv(
             with torch.no_grad():
                 feats = clip.visual(imgs, taps, dpam_start=1)
                 text = prompts([name], clip.text, imgs.device)[0]  # [2, D]
-            tokens = feats.patch_tokens
-            if permute is not None:
-                perm = permute(tokens[0].shape[1])
-                tokens = [t[:, perm] for t in tokens]
+            tokens = _shuffled(feats.patch_tokens, permute)
             probs = torch.stack([(100 * t @ text.t()).softmax(-1)[..., 1] for t in tokens]).mean(0)
             maps = probs.view(-1, *feats.grid)
             res.append(score(maps, maps.flatten(1).amax(1), labels, masks))
-        out[dataset] = tuple(100 * float(np.mean(x)) for x in zip(*res))
+        out[dataset] = _mean_percent(res)
     return out
 
 

@@ -60,9 +60,8 @@ class ClipRecipe:
     # anomalous against the text of the two states (0 = off)
     dense_batch: int = 48
     dense_weight: float = 3.0
-    dense_min_cover: float = (
-        0.25  # a patch is anomalous when the defect covers this share of it (0 < c < it: ignored)
-    )
+    # a patch is anomalous when the defect covers this share of it (covered, but less: ignored)
+    dense_min_cover: float = 0.25
 
 
 def build_toy_clip() -> CLIP:
@@ -107,12 +106,16 @@ def keep_index(b: int, n_patches: int, n_keep: int | None, gen: torch.Generator)
     return torch.rand(b, n_patches, generator=gen).argsort(1)[:, :n_keep].sort(1).values
 
 
+def patch_cover(masks: Tensor, patch: int) -> Tensor:
+    """[B, N]: the share of each patch the defect covers (masks [B, S, S] in [0, 1])."""
+    return F.avg_pool2d(masks[:, None], patch).flatten(1)
+
+
 def kept_defect(views: Views, keep: Tensor | None, patch: int, min_defect: float = 0.004) -> Tensor:
     """bool [B]: whether the kept patches of each view show enough of its defect (``sample_views``' rule)."""
     if keep is None:
         return views.has_defect
-    # defect pixels per patch
-    per_patch = F.avg_pool2d(views.masks[:, None], patch).flatten(1) * patch * patch
+    per_patch = patch_cover(views.masks, patch) * patch * patch  # defect pixels per patch
     covered = per_patch.gather(1, keep).sum(1)
     size = views.masks.shape[-1]
     need = min(min_defect * size * size, 24.0)
@@ -159,16 +162,22 @@ def make_batch(
     return _normalise(torch.cat(parts)), texts, kept
 
 
-def encode_image(model: CLIP, images: Tensor, keep: Tensor | None = None) -> Tensor:
-    """Unit image features; with ``keep`` [B, K] only those patch tokens (and CLS) enter the blocks."""
+def embed(model: CLIP, images: Tensor, keep: Tensor | None = None) -> Tensor:
+    """[B, 1 + K, width]: CLS and the patch tokens (all, or only ``keep`` [B, K]) with their positions, after
+    ``ln_pre`` — the input of the vision blocks."""
     v = model.visual
     x = v.conv1(images).flatten(2).transpose(1, 2)  # [B, N, width]
     x = x + v.positional_embedding[1:].to(x.dtype)
     if keep is not None:
         x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
     cls = (v.class_embedding + v.positional_embedding[0]).to(x.dtype).expand(x.shape[0], 1, -1)
-    x = v.ln_pre(torch.cat([cls, x], dim=1))
-    x = v.transformer(x)
+    return v.ln_pre(torch.cat([cls, x], dim=1))
+
+
+def encode_image(model: CLIP, images: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Unit image features; with ``keep`` [B, K] only those patch tokens (and CLS) enter the blocks."""
+    v = model.visual
+    x = v.transformer(embed(model, images, keep))
     return F.normalize(v.ln_post(x[:, 0]) @ v.proj, dim=-1)
 
 
@@ -176,9 +185,7 @@ def vv_patch_tokens(model: CLIP, images: Tensor) -> list[Tensor]:
     """Unit V-V patch tokens [B, N, embed] after every block, with the V-V path from block 1 — what
     ``CLIPVision(images, taps, dpam_start=1)`` returns (the methods' toy taps), here with gradients."""
     v = model.visual
-    x = v.conv1(images).flatten(2).transpose(1, 2)
-    cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
-    x = v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
+    x = embed(model, images)
     x_vv, out = x, []
     for block in v.transformer.resblocks:
         o_ori, o_vv, _ = dual_attention(block, block.ln_1(x), dual=True, want_probs=False)
@@ -190,7 +197,7 @@ def vv_patch_tokens(model: CLIP, images: Tensor) -> list[Tensor]:
 
 def patch_labels(masks: Tensor, patch: int, min_cover: float) -> Tensor:
     """long [B, N]: 1 where the defect covers ≥ ``min_cover`` of a patch, 0 where it covers nothing, -1 between."""
-    cover = F.avg_pool2d(masks[:, None], patch).flatten(1)
+    cover = patch_cover(masks, patch)
     labels = torch.full_like(cover, -1, dtype=torch.long)
     labels[cover == 0] = 0
     labels[cover >= min_cover] = 1
