@@ -167,9 +167,17 @@ def inputs(folder) -> dict[str, Any]:
     return pv.load_pt(folder / "inputs.pt")
 
 
+# The vectors' grad-norm rtol is what one family of float32 CPU kernels reproduces. ATen picks its reduction kernels
+# by the CPU at start-up, and AVX-512 ones sum in another order: on an AMD EPYC (AVX-512) the worst gradient norm is
+# 5.4e-6 from the vectors, 7.5e-7 on the same machine with ATEN_CPU_CAPABILITY=avx2. Twice the rtol holds on both; a
+# change of the maths moves a gradient norm by orders of magnitude more (test_default_differs_… below).
+KERNEL_SLACK = 2.0
+
+
 @pytest.fixture(scope="module")
 def tolerances(folder) -> tuple[dict[str, float], float]:
-    return read_tolerances(folder / "README.md")
+    atol, rtol = read_tolerances(folder / "README.md")
+    return atol, KERNEL_SLACK * rtol
 
 
 @pytest.fixture(scope="module")
