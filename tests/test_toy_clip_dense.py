@@ -1,9 +1,10 @@
 """The dense state term of the toy CLIP's pretraining supervises exactly what the methods read.
 
-* ``vv_patch_tokens`` (the pretraining's differentiable V-V forward) equals ``CLIPVision(images, taps,
+* ``vv_forward`` (the pretraining's differentiable V-V forward) equals ``CLIPVision(images, taps,
   dpam_start=1).patch_tokens`` — the toy presets' taps — on the same open_clip weights;
 * ``patch_labels`` says anomalous / normal / ignored per patch from the defect's coverage;
-* ``dense_loss`` is the balanced cross-entropy of the state logits, recomputed here from the tokens and prompts.
+* ``dense_loss`` is the balanced cross-entropy of the state logits, recomputed here from the tokens and prompts —
+  per patch (V-V tokens) and per view (global embedding).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from zsad.backbones.clip import CLIPVision
 from zsad.pretrain import toy_clip
-from zsad.pretrain.toy_clip import ClipRecipe, build_toy_clip, patch_labels, vv_patch_tokens
+from zsad.pretrain.toy_clip import ClipRecipe, build_toy_clip, patch_labels, vv_forward
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,11 @@ def model():
 def test_vv_tokens_equal_what_clipvision_gives_the_methods(model):
     images = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        mine = vv_patch_tokens(model, images)
+        mine, glob = vv_forward(model, images)
         ref = CLIPVision(model.visual, image_size=112)(images, (1, 2, 3, 4), dpam_start=1).patch_tokens
+        want_glob = toy_clip.encode_image(model, images)
+    # the global embedding is the one the contrastive loss trains
+    torch.testing.assert_close(glob, want_glob, atol=1e-5, rtol=1e-5)
     assert len(mine) == len(ref) == 4
     for a, b in zip(mine, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -46,7 +50,7 @@ def test_vv_tokens_equal_what_clipvision_gives_the_methods(model):
 
 def test_vv_tokens_carry_gradients():
     fresh = build_toy_clip()  # (CLIPVision freezes the tower it wraps: a model of its own)
-    vv_patch_tokens(fresh, torch.randn(1, 3, 112, 112))[-1].sum().backward()
+    vv_forward(fresh, torch.randn(1, 3, 112, 112))[0][-1].sum().backward()
     assert fresh.visual.transformer.resblocks[0].attn.in_proj_weight.grad.abs().sum() > 0
 
 
@@ -69,16 +73,19 @@ def test_dense_loss_is_the_balanced_state_cross_entropy(model, monkeypatch):
     masks = torch.zeros(n, 112, 112)
     masks[0, :28, :28] = 1.0  # 4 anomalous patches in view 0
     views = Views(
-        torch.rand(n, 3, 112, 112), masks, torch.arange(n) % len(world), torch.ones(n, dtype=torch.bool)
+        torch.rand(n, 3, 112, 112),
+        masks,
+        torch.arange(n) % len(world),
+        torch.tensor([True, False, True, True]),
     )
     monkeypatch.setattr(toy_clip, "sample_views", lambda *a, **k: views)
     recipe = ClipRecipe(dense_batch=n)
     gen, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
     with torch.no_grad():
-        got = toy_clip.dense_loss(model, world, recipe, gen, rng)
+        got, got_image = toy_clip.dense_loss(model, world, recipe, gen, rng)
         texts, row = toy_clip.state_prompts(world, np.random.default_rng(0))
         txt = toy_clip.encode_text(model, toy_clip.tokenize(texts))
-        tokens = vv_patch_tokens(model, toy_clip._normalise(views.images))
+        tokens, glob = vv_forward(model, toy_clip._normalise(views.images))
     labels = patch_labels(masks, 14, recipe.dense_min_cover)
     want = 0.0
     for t in tokens:
@@ -93,3 +100,13 @@ def test_dense_loss_is_the_balanced_state_cross_entropy(model, monkeypatch):
             per_block.append(np.mean(losses))
         want += 0.5 * (per_block[0] + per_block[1]) / len(tokens)
     assert float(got) == pytest.approx(want, rel=1e-4)
+    # image term: the views' global embeddings, labelled by whether the view shows its defect, balanced
+    per_state = []
+    for label in (1, 0):
+        losses = []
+        for b in torch.nonzero(views.has_defect.long() == label).flatten().tolist():
+            r = row[world.items[int(views.index[b])].category]
+            logits = model.logit_scale.exp() * glob[b : b + 1] @ txt[[r, r + 1]].t()  # [1, 2]
+            losses.append(float(F.cross_entropy(logits, torch.tensor([label]))))
+        per_state.append(np.mean(losses))
+    assert float(got_image) == pytest.approx(0.5 * (per_state[0] + per_state[1]), rel=1e-4)

@@ -18,6 +18,8 @@ patch tokens the methods read near-uniform (README, "The default leaderboard"): 
 family reads, from block 1 as in the toy presets) as normal or anomalous against the text of the two states, with
 per-patch labels from the defect masks. It is the toy stand-in for what a web-scale CLIP brings and a 4-block CLIP
 trained on ~58 000 views does not by itself: patch tokens that know the state words. Real CLIP weights are trained without it.
+The same views' global embeddings can be classified the same way (``image_weight``; off by default: measured to move
+image AUROC from one domain to the other rather than up, README "What was tried").
 
 The vision forward used here is open_clip's ``VisionTransformer`` forward (conv1 → CLS + positional embedding →
 ``ln_pre`` → blocks → ``ln_post`` → ``proj``) with the token subset taken after the positional embedding.
@@ -62,6 +64,8 @@ class ClipRecipe:
     dense_weight: float = 3.0
     # a patch is anomalous when the defect covers this share of it (covered, but less: ignored)
     dense_min_cover: float = 0.25
+    # image state term: the same views' global embeddings classified normal / anomalous (0 = off)
+    image_weight: float = 0.0
 
 
 def build_toy_clip() -> CLIP:
@@ -181,9 +185,10 @@ def encode_image(model: CLIP, images: Tensor, keep: Tensor | None = None) -> Ten
     return F.normalize(v.ln_post(x[:, 0]) @ v.proj, dim=-1)
 
 
-def vv_patch_tokens(model: CLIP, images: Tensor) -> list[Tensor]:
+def vv_forward(model: CLIP, images: Tensor) -> tuple[list[Tensor], Tensor]:
     """Unit V-V patch tokens [B, N, embed] after every block, with the V-V path from block 1 — what
-    ``CLIPVision(images, taps, dpam_start=1)`` returns (the methods' toy taps), here with gradients."""
+    ``CLIPVision(images, taps, dpam_start=1)`` returns (the methods' toy taps), here with gradients — and the unit
+    global embedding [B, embed] of the original path (what ``encode_image`` returns with every token)."""
     v = model.visual
     x = embed(model, images)
     x_vv, out = x, []
@@ -192,7 +197,7 @@ def vv_patch_tokens(model: CLIP, images: Tensor) -> list[Tensor]:
         x_vv = x_vv + o_vv
         x = _mlp_residual(block, x + o_ori)
         out.append(F.normalize(v.ln_post(x_vv[:, 1:]) @ v.proj, dim=-1))
-    return out
+    return out, F.normalize(v.ln_post(x[:, 0]) @ v.proj, dim=-1)
 
 
 def patch_labels(masks: Tensor, patch: int, min_cover: float) -> Tensor:
@@ -216,15 +221,24 @@ def state_prompts(world: WorldTensors, rng: np.random.Generator) -> tuple[list[s
     return texts, {c: 2 * i for i, c in enumerate(cats)}
 
 
+def _balanced_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean of the anomalous and the normal items' mean cross-entropy (labels 1 / 0; -1 ignored)."""
+    ce = F.cross_entropy(logits.flatten(0, -2), labels.clamp(min=0).flatten(), reduction="none")
+    ce = ce.view_as(labels)
+    pos, neg = labels == 1, labels == 0
+    return 0.5 * (ce[pos].mean() if pos.any() else 0.0) + 0.5 * (ce[neg].mean() if neg.any() else 0.0)
+
+
 def dense_loss(
     model: CLIP, world: WorldTensors, recipe: ClipRecipe, gen: torch.Generator, rng: np.random.Generator
-) -> Tensor:
-    """Balanced patch-level state classification of the V-V tokens of every block against the state prompts.
+) -> tuple[Tensor, Tensor]:
+    """Balanced state classification against the state prompts: (patch term, image term).
 
-    ``recipe.dense_batch`` full views (all tokens), half of them of defective items. Each patch token's two logits
-    are its cosines with its category's normal and anomalous prompt times CLIP's temperature; the cross-entropy is
-    the mean of the normal patches' and the anomalous patches' means (patches only partly covered are ignored),
-    averaged over the blocks.
+    ``recipe.dense_batch`` full views (all tokens), half of them of defective items. Patch term: each V-V patch
+    token's two logits are its cosines with its category's normal and anomalous prompt times CLIP's temperature; the
+    cross-entropy is the mean of the normal patches' and the anomalous patches' means (patches only partly covered
+    are ignored), averaged over the blocks. Image term: the same for the views' global embeddings, labelled by
+    whether the view shows its defect.
     """
     n = recipe.dense_batch
     defective = world.anomalous[torch.randint(len(world.anomalous), (n // 2,), generator=gen)]
@@ -235,15 +249,13 @@ def dense_loss(
     txt = encode_text(model, tokenize(texts))  # [2C, D]: normal, anomalous per category
     rows = torch.tensor([row[world.items[i].category] for i in views.index.tolist()])
     pair = torch.stack([txt[rows], txt[rows + 1]], dim=1)  # [n, 2, D]
-    pos, neg = labels == 1, labels == 0
-    total = torch.zeros(())
-    tokens = vv_patch_tokens(model, _normalise(views.images))
+    scale = model.logit_scale.exp()
+    tokens, glob = vv_forward(model, _normalise(views.images))
+    patch = torch.zeros(())
     for t in tokens:
-        logits = model.logit_scale.exp() * torch.einsum("bnd,bkd->bnk", t, pair)
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.clamp(min=0).flatten(), reduction="none")
-        ce = ce.view_as(labels)
-        total = total + (0.5 * (ce[pos].mean() if pos.any() else 0.0) + 0.5 * ce[neg].mean()) / len(tokens)
-    return total
+        patch = patch + _balanced_ce(scale * torch.einsum("bnd,bkd->bnk", t, pair), labels) / len(tokens)
+    image = _balanced_ce(scale * torch.einsum("bd,bkd->bk", glob, pair), views.has_defect.long())
+    return patch, image
 
 
 def train_clip(
@@ -293,8 +305,12 @@ def train_clip(
         img = encode_image(model, images, keep)
         txt = encode_text(model, tokenize(texts))
         contrastive = loss_fn(img, txt, model.logit_scale.exp())
-        dense = dense_loss(model, world, recipe, gen, rng) if recipe.dense_batch else torch.zeros(())
+        dense, image = (
+            dense_loss(model, world, recipe, gen, rng) if recipe.dense_batch else (torch.zeros(()),) * 2
+        )
         loss = contrastive + recipe.dense_weight * dense
+        if recipe.image_weight:
+            loss = loss + recipe.image_weight * image
         opt.zero_grad(set_to_none=True)
         opt_emb.zero_grad(set_to_none=True)
         loss.backward()
@@ -305,17 +321,19 @@ def train_clip(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the inverse temperature
             acc = float((img @ txt.t()).argmax(1).eq(torch.arange(len(texts))).float().mean())
-        now = {"loss": contrastive.item(), "acc": acc, "dense": dense.item()}
+        now = {"loss": contrastive.item(), "acc": acc, "dense": dense.item(), "image": image.item()}
         ema = now if ema is None else {k: 0.9 * ema[k] + 0.1 * v for k, v in now.items()}
         if progress is not None:
             progress(step, ema)
     model.token_embedding.sparse = False
     model.eval()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    ema = ema or {"loss": 0.0, "acc": 0.0, "dense": 0.0}
+    ema = ema or {"loss": 0.0, "acc": 0.0, "dense": 0.0, "image": 0.0}
     final = {"clip_loss": round(ema["loss"], 4), "clip_batch_acc": round(ema["acc"], 4)}
     if recipe.dense_batch:
         final["clip_dense_loss"] = round(ema["dense"], 4)
+    if recipe.dense_batch and recipe.image_weight:
+        final["clip_image_state_loss"] = round(ema["image"], 4)
     return state, final
 
 
